@@ -1,0 +1,41 @@
+# latentrt developer commands. Everything installs into $(VENV) from scratch.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.latentrt-installed
+
+.PHONY: install demo test test-all bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU wheel this machine carries; an unpinned torch would pull
+# a multi-GB CUDA build. pyproject keeps a broad range for users.
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps 'k-diffusion==0.1.1.post1'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/latentrt demo --out demo.png
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+bench: install
+	$(PY) benchmarks/sampler_overhead.py
+
+lint: install
+	$(PY) -m ruff check latentrt tests examples benchmarks
+	$(PY) -m ruff format --check latentrt tests examples benchmarks
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo.png

@@ -1,0 +1,35 @@
+"""latentrt: a plugin-based runtime for latent-diffusion image generation.
+
+Public API only; see README.md for usage.
+"""
+
+from __future__ import annotations
+
+from latentrt.core.errors import (
+    CheckpointError,
+    ExportError,
+    InvalidRequest,
+    LatentRTError,
+    PluginError,
+    RuntimeUnavailable,
+)
+from latentrt.core.hookspecs import hookimpl
+from latentrt.core.protocols import Conditioning, StepInfo
+from latentrt.core.registry import Registry, registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Conditioning",
+    "ExportError",
+    "InvalidRequest",
+    "LatentRTError",
+    "PluginError",
+    "Registry",
+    "RuntimeUnavailable",
+    "StepInfo",
+    "__version__",
+    "hookimpl",
+    "registry",
+]

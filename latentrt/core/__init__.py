@@ -1,0 +1,1 @@
+"""The contracts of latentrt; imports nothing from plugins, exporters or runtimes."""

@@ -1,0 +1,122 @@
+"""Small building blocks that samplers share, built-in and third-party alike.
+
+Formulas follow k-diffusion (``k_diffusion/sampling.py``) and Karras et al. 2022
+(https://arxiv.org/abs/2206.00364): the probability-flow ODE in sigma is
+``dx/dsigma = (x - D(x, sigma)) / sigma`` (their eq. 3 with ``sigma(t) = t``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from latentrt.core.errors import InvalidRequest
+from latentrt.core.protocols import NoiseSource, SamplerCallback, StepInfo
+
+__all__ = [
+    "ancestral_step",
+    "append_dims",
+    "batch_sigma",
+    "check_options",
+    "check_sigmas",
+    "report",
+    "require_noise",
+    "sampler_options",
+    "to_d",
+]
+
+
+def append_dims(t: Tensor, target_dims: int) -> Tensor:
+    """Append trailing singleton dims so ``t`` broadcasts against a ``target_dims``-D tensor."""
+    missing = target_dims - t.ndim
+    if missing < 0:
+        raise ValueError(f"tensor has {t.ndim} dims, more than the target {target_dims}")
+    return t[(...,) + (None,) * missing]
+
+
+def batch_sigma(sigma: Tensor, x: Tensor) -> Tensor:
+    """A scalar sigma broadcast to the ``[batch]`` shape the denoiser contract asks for."""
+    return sigma * x.new_ones([x.shape[0]])
+
+
+def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """Karras ODE derivative ``dx/dsigma = (x - D(x, sigma)) / sigma``."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Split an ancestral step into a deterministic part and fresh noise.
+
+    Returns ``(sigma_down, sigma_up)`` with ``sigma_down^2 + sigma_up^2 = sigma_to^2``;
+    ``eta = 0`` gives the deterministic step (``sigma_up = 0``).
+    """
+    if not eta:
+        return sigma_to, torch.zeros_like(sigma_to)
+    sigma_up = torch.minimum(
+        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    )
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def require_noise(noise: NoiseSource | None, sampler: str) -> NoiseSource:
+    """Return ``noise``, or explain that the stochastic sampler ``sampler`` needs one."""
+    if noise is None:
+        raise InvalidRequest(
+            f"sampler {sampler!r} injects noise and needs a noise source: pass noise=... "
+            "(latentrt.core.noise.GaussianNoise or BrownianTreeNoise), or use eta=0 where it applies"
+        )
+    return noise
+
+
+def report(
+    callback: SamplerCallback | None, i: int, x: Tensor, sigma: Tensor, sigma_next: Tensor, denoised: Tensor
+) -> None:
+    """Send one :class:`StepInfo` to ``callback`` when there is one."""
+    if callback is not None:
+        callback(StepInfo(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+
+
+def check_sigmas(sigmas: Tensor) -> None:
+    """Refuse sigmas that are not a finite, strictly decreasing 1-D run ending in 0."""
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise InvalidRequest("sigmas must be a 1-D tensor of at least 2 noise levels ending in 0")
+    values = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise InvalidRequest(f"sigmas must be finite and >= 0, got {_preview(values)}")
+    if float(values[-1]) != 0.0:
+        raise InvalidRequest(f"sigmas must end with 0, got last value {float(values[-1])}")
+    if not bool((values[1:] < values[:-1]).all()):
+        raise InvalidRequest(f"sigmas must be strictly decreasing, got {_preview(values)}")
+
+
+def _preview(values: Tensor, limit: int = 8) -> str:
+    shown = ", ".join(f"{float(v):.4g}" for v in values[:limit])
+    return f"[{shown}{', ...' if values.numel() > limit else ''}]"
+
+
+_CONTRACT_PARAMETERS = frozenset({"denoiser", "x", "sigmas", "cond", "noise", "callback"})
+
+
+def sampler_options(fn: Callable[..., Any]) -> dict[str, Any]:
+    """A sampler's options (keyword parameters beyond the contract) with their defaults."""
+    options: dict[str, Any] = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if name in _CONTRACT_PARAMETERS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        options[name] = None if param.default is inspect.Parameter.empty else param.default
+    return options
+
+
+def check_options(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> None:
+    """Refuse options a sampler does not take, naming the ones it does."""
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    known = sampler_options(fn)
+    unknown = sorted(set(options) - set(known))
+    if unknown and not accepts_any:
+        valid = ", ".join(sorted(known)) or "none"
+        raise InvalidRequest(f"sampler {name!r} does not take option(s) {', '.join(unknown)}; it takes: {valid}")
