@@ -1,0 +1,31 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kdiffusion_ref import load_kdiffusion_sampling  # noqa: E402
+
+import latentrt  # noqa: E402
+from latentrt.core.registry import Registry, reset_registry  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kdiff() -> types.ModuleType:
+    """k-diffusion's sampling module (the reference for k-sampler formulas)."""
+    return load_kdiffusion_sampling()
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    """The built-in registry, loaded fresh for the test."""
+    reset_registry()
+    yield latentrt.registry()
+    reset_registry()
