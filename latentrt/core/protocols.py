@@ -119,8 +119,8 @@ def _repeat_tokens(context: Tensor, length: int) -> Tensor:
 class StepInfo:
     """What a sampler reports to its callback after each step.
 
-    ``x`` is the latent after step ``i``, ``denoised`` the model's ``x0`` estimate at
-    ``sigma``; ``sigma_next`` is where the step landed.
+    ``x`` is the latent step ``i`` started from (k-diffusion's convention), ``denoised``
+    the model's ``x0`` estimate at ``sigma``; ``sigma_next`` is where the step lands.
     """
 
     i: int
