@@ -26,16 +26,16 @@ import torch
 from torch import Tensor
 
 from latentrt.core.model_sampling import sd_model_sampling
-from latentrt.core.noise import BrownianTreeNoise, GaussianNoise
-from latentrt.core.protocols import Conditioning, ModelSampling, NoiseSource
-from latentrt.core.registry import NoiseKind, SamplerSpec, registry
+from latentrt.core.noise import noise_for_sampler
+from latentrt.core.protocols import Conditioning, ModelSampling
+from latentrt.core.registry import SamplerSpec, registry
 
 __all__ = [
     "GaussianDenoiser",
     "GaussianTarget",
     "check_sampler",
     "convergence_order",
-    "make_noise",
+    "run_sampler",
 ]
 
 
@@ -79,16 +79,6 @@ class GaussianTarget:
         return self.mu + (x - self.mu) * ratio
 
 
-def make_noise(kind: NoiseKind, like: Tensor, sigmas: Tensor, seeds: Sequence[int]) -> NoiseSource | None:
-    """The noise source a sampler of ``kind`` consumes, seeded per image."""
-    if kind == "none":
-        return None
-    if kind == "gaussian":
-        return GaussianNoise.from_seeds(like, seeds)
-    positive = sigmas[sigmas > 0]
-    return BrownianTreeNoise(like, seeds, float(positive.min()), float(sigmas.max()))
-
-
 def _resolve(sampler: SamplerSpec | Callable[..., Tensor] | str) -> SamplerSpec:
     if isinstance(sampler, SamplerSpec):
         return sampler
@@ -119,7 +109,7 @@ def run_sampler(
     seeds = list(range(batch)) if seeds is None else list(seeds)
     x = torch.cat([target.start((1, *shape), float(sigmas[0]), seed=s, dtype=dtype) for s in seeds])
     sigmas = sigmas.to(dtype)
-    noise = make_noise(spec.noise, x, sigmas, [1000 + s for s in seeds])
+    noise = noise_for_sampler(spec.noise, x, sigmas, [1000 + s for s in seeds])
     return spec.sample(target.denoiser(), x, sigmas, noise=noise, **options)
 
 

@@ -40,8 +40,8 @@ class DiscreteModelSampling:
 
     @property
     def log_sigmas(self) -> Tensor:
-        """``log(sigmas)``, the space timesteps are interpolated in."""
-        return self.sigmas.log()
+        """``log(sigmas)`` in float64, the space timesteps are interpolated in."""
+        return self.sigmas.to(torch.float64).log()
 
     @property
     def sigma_min(self) -> float:

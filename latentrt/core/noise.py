@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from latentrt.core.errors import InvalidRequest
+from latentrt.core.protocols import NoiseSource
 
 __all__ = [
     "BrownianTree",
@@ -32,6 +33,7 @@ __all__ = [
     "batch_seeds",
     "initial_noise",
     "make_generators",
+    "noise_for_sampler",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -123,12 +125,12 @@ class BrownianTree:
         self.shape = tuple(shape)
         self.t0, self.t1 = float(t0), float(t1)
         self._min_width = tol * (self.t1 - self.t0)
-        self._w1 = math.sqrt(self.t1 - self.t0) * self._normal(1)
+        self._w1 = math.sqrt(self.t1 - self.t0) * self._normal(0)
         self._cache: dict[float, Tensor] = {}
         self._max_cached = max_cached
 
     def _normal(self, node: int) -> Tensor:
-        """The standard-normal draw attached to tree node ``node`` (root = 1)."""
+        """The standard-normal draw of tree node ``node`` (0: ``W(t1)``; 1: the root's midpoint)."""
         generator = torch.Generator(device="cpu").manual_seed(_splitmix64(self.seed ^ _splitmix64(node)))
         return torch.randn(self.shape, generator=generator, dtype=torch.float64)
 
@@ -181,3 +183,19 @@ class BrownianTreeNoise:
             raise InvalidRequest(f"cannot draw a Brownian increment over an empty step at sigma {s}")
         increments = torch.stack([(tree(s_next) - tree(s)) / scale for tree in self._trees])
         return increments.to(device=self._like.device, dtype=self._like.dtype)
+
+
+def noise_for_sampler(kind: str, like: Tensor, sigmas: Tensor, seeds: Sequence[int]) -> NoiseSource | None:
+    """The noise source a sampler registered with noise ``kind`` consumes, one seed per image.
+
+    ``"none"`` -> None, ``"gaussian"`` -> :class:`GaussianNoise`, ``"brownian"`` ->
+    :class:`BrownianTreeNoise` spanning the positive part of ``sigmas``.
+    """
+    if kind == "none":
+        return None
+    if kind == "gaussian":
+        return GaussianNoise.from_seeds(like, seeds)
+    if kind == "brownian":
+        positive = sigmas[sigmas > 0]
+        return BrownianTreeNoise(like, seeds, float(positive.min()), float(positive.max()))
+    raise InvalidRequest(f"unknown noise kind {kind!r}; expected 'none', 'gaussian' or 'brownian'")

@@ -1,0 +1,1 @@
+"""The built-in demo: models that work with no download."""
