@@ -125,7 +125,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         rows.append((spec.name, _demo_row(spec, schedule, args.steps, seeds, size=32)))
         if not args.quiet:
-            tqdm.write(f"{spec.name:<18} {args.steps} steps x {len(seeds)} images in {time.perf_counter() - start:.2f} s")
+            tqdm.write(
+                f"{spec.name:<18} {args.steps} steps x {len(seeds)} images in {time.perf_counter() - start:.2f} s"
+            )
     _atomic_save(_label_grid(rows, scale=3), Path(args.out))
     print(f"wrote {args.out}: {len(specs)} samplers x {len(seeds)} seeds, {schedule.name} schedule, {args.steps} steps")
     return 0

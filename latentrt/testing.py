@@ -189,8 +189,7 @@ def check_gaussian_moments(spec: SamplerSpec, steps: int = 40, tolerance: float 
     mean, std = float(out.mean()), float(out.std())
     if abs(mean - target.mu) > tolerance or abs(std - target.s) > tolerance:
         raise AssertionError(
-            f"{spec.name}: sample mean {mean:.4f} / std {std:.4f}, expected {target.mu} / {target.s} "
-            f"within {tolerance}"
+            f"{spec.name}: sample mean {mean:.4f} / std {std:.4f}, expected {target.mu} / {target.s} within {tolerance}"
         )
 
 

@@ -11,10 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kdiffusion_ref import load_kdiffusion_sampling  # noqa: E402
+from kdiffusion_ref import load_kdiffusion_sampling
 
-import latentrt  # noqa: E402
-from latentrt.core.registry import Registry, reset_registry  # noqa: E402
+import latentrt
+from latentrt.core.registry import Registry, reset_registry
 
 
 @pytest.fixture(scope="session")

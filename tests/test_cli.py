@@ -55,5 +55,7 @@ def test_non_png_output_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_version_from_a_subprocess() -> None:
-    result = subprocess.run([sys.executable, "-m", "latentrt.cli", "--version"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "latentrt.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip().startswith("latentrt 0.")

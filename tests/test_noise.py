@@ -85,7 +85,9 @@ def test_brownian_noise_subdivision_adds_up() -> None:
     noise = BrownianTreeNoise(like, [9], 0.1, 10.0)
     a, b, c = 6.0, 2.5, 1.0
     whole = noise(torch.tensor(a), torch.tensor(c)) * math.sqrt(a - c)
-    parts = noise(torch.tensor(a), torch.tensor(b)) * math.sqrt(a - b) + noise(torch.tensor(b), torch.tensor(c)) * math.sqrt(b - c)
+    parts = noise(torch.tensor(a), torch.tensor(b)) * math.sqrt(a - b) + noise(
+        torch.tensor(b), torch.tensor(c)
+    ) * math.sqrt(b - c)
     torch.testing.assert_close(whole, parts, rtol=0, atol=1e-9)
 
 

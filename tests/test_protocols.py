@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentrt.core.protocols import Conditioning, Denoiser, ModelSampling, NoiseSource
 from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.noise import GaussianNoise
+from latentrt.core.protocols import Conditioning, Denoiser, ModelSampling, NoiseSource
 from latentrt.testing import GaussianTarget
 
 
@@ -31,7 +31,9 @@ def test_conditioning_cat_pads_long_prompts_by_repeating_chunks() -> None:
 
 def test_conditioning_cat_refuses_mismatched_parts() -> None:
     with pytest.raises(ValueError, match="different tensors"):
-        Conditioning.cat([Conditioning(torch.zeros(1, 77, 8)), Conditioning(torch.zeros(1, 77, 8), pooled=torch.zeros(1, 4))])
+        Conditioning.cat(
+            [Conditioning(torch.zeros(1, 77, 8)), Conditioning(torch.zeros(1, 77, 8), pooled=torch.zeros(1, 4))]
+        )
     with pytest.raises(ValueError, match="cannot pad"):
         Conditioning.cat([Conditioning(torch.zeros(1, 77, 8)), Conditioning(torch.zeros(1, 100, 8))])
     with pytest.raises(ValueError, match="at least one"):

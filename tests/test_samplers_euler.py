@@ -56,7 +56,12 @@ def test_euler_ancestral_matches_kdiffusion(registry: Registry, kdiff: types.Mod
         target.denoiser(), x.clone(), sigmas, noise=GaussianNoise.from_seeds(x, [5, 6]), eta=eta
     )
     ref = kdiff.sample_euler_ancestral(
-        _kdiff_model(target), x.clone(), sigmas, disable=True, eta=eta, noise_sampler=GaussianNoise.from_seeds(x, [5, 6])
+        _kdiff_model(target),
+        x.clone(),
+        sigmas,
+        disable=True,
+        eta=eta,
+        noise_sampler=GaussianNoise.from_seeds(x, [5, 6]),
     )
     assert (ours - ref).abs().max() < TOL
 

@@ -306,4 +306,3 @@ class Runtime(Protocol):
     def load(self, artifact: Artifact, device: torch.device) -> CompiledModule:
         """Deserialize ``artifact`` onto ``device``."""
         ...
-

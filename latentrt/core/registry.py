@@ -141,6 +141,7 @@ class _Table(Generic[SpecT]):
     kind: str
     specs: dict[str, SpecT] = field(default_factory=dict)
     spellings: dict[str, str] = field(default_factory=dict)
+    originals: dict[str, str] = field(default_factory=dict)
 
     def add(self, spec: SpecT) -> None:
         for spelling in (spec.name, spec.label, *spec.aliases):
@@ -160,6 +161,7 @@ class _Table(Generic[SpecT]):
         self.specs[spec.name] = spec
         for spelling in (spec.name, spec.label, *spec.aliases):
             self.spellings[spelling.casefold()] = spec.name
+            self.originals[spelling.casefold()] = spelling
 
     def find(self, name: str) -> SpecT | None:
         canonical = self.spellings.get(name.strip().casefold()) if isinstance(name, str) else None
@@ -172,9 +174,8 @@ class _Table(Generic[SpecT]):
         return spec
 
     def unknown_message(self, name: object) -> str:
-        candidates = {s.casefold(): s for spec in self.specs.values() for s in (spec.name, spec.label, *spec.aliases)}
-        close = difflib.get_close_matches(str(name).casefold(), list(candidates), n=5, cutoff=0.5)
-        hint = f"did you mean {', '.join(repr(candidates[c]) for c in close)}?" if close else ""
+        close = difflib.get_close_matches(str(name).casefold(), list(self.originals), n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(self.originals[c]) for c in close)}?" if close else ""
         valid = ", ".join(sorted(self.specs)) or "none registered"
         return f"unknown {self.kind} {name!r}; {hint + ' ' if hint else ''}valid names: {valid}"
 

@@ -56,9 +56,7 @@ def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tu
     """
     if not eta:
         return sigma_to, torch.zeros_like(sigma_to)
-    sigma_up = torch.minimum(
-        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    )
+    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 

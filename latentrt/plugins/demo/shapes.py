@@ -41,7 +41,9 @@ def _polygon(kind: str, c: float, r: float) -> list[tuple[float, float]]:
             (c + w, c + r), (c - w, c + r), (c - w, c + w), (c - r, c + w), (c - r, c - w), (c - w, c - w)]  # fmt: skip
 
 
-def draw_shape(kind: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 32) -> Image.Image:
+def draw_shape(
+    kind: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 32
+) -> Image.Image:
     """One demo image: a centred shape on a plain background."""
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
