@@ -126,6 +126,10 @@ def convergence_order(
     every sampler takes its last step to 0 as a plain first-order step whose error does
     not shrink with the step count) along Karras schedules of ``n`` steps; the error is
     the max abs difference from the exact solution.
+
+    The Gaussian target's ODE is linear, so some methods show a higher order here than
+    in general (the explicit midpoint method's h^3 error term vanishes on it and it
+    measures ~3): read the result as "at least this order on linear problems".
     """
     spec, target = _resolve(sampler), target or GaussianTarget()
     sigma_min, sigma_max = sigma_range
@@ -158,10 +162,15 @@ def check_signature(fn: Callable[..., Tensor]) -> None:
 
 
 def check_preserves_tensor(spec: SamplerSpec, dtype: torch.dtype = torch.float32) -> None:
-    """Output has the input's shape, dtype and device, and is finite."""
+    """Output has the input's shape, dtype and device, is finite, and the input is left untouched."""
     target = GaussianTarget()
     sigmas = _karras(6, 0.05, 10.0).to(dtype)
-    out = run_sampler(spec, target, sigmas, batch=2, shape=(3, 4, 5), dtype=dtype)
+    x = torch.cat([target.start((1, 3, 4, 5), float(sigmas[0]), seed=s, dtype=dtype) for s in (0, 1)])
+    x_before, sigmas_before = x.clone(), sigmas.clone()
+    noise = noise_for_sampler(spec.noise, x, sigmas, [1000, 1001])
+    out = spec.sample(target.denoiser(), x, sigmas, noise=noise)
+    if not torch.equal(x, x_before) or not torch.equal(sigmas, sigmas_before):
+        raise AssertionError("sampler modified its input latent or sigmas in place")
     if out.shape != (2, 3, 4, 5) or out.dtype != dtype or out.device.type != "cpu":
         raise AssertionError(f"sampler returned {tuple(out.shape)} {out.dtype} {out.device}, not (2, 3, 4, 5) {dtype}")
     if not bool(torch.isfinite(out).all()):

@@ -45,7 +45,7 @@ def test_unknown_sampler_is_one_line_error(tmp_path: Path, capsys: pytest.Captur
     assert main(["demo", "--out", str(out), "--samplers", "eulr", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("latentrt: error: unknown sampler 'eulr'") and "\n" not in err
-    assert "'Euler'" in err
+    assert "did you mean 'euler'" in err
     assert not out.exists()
 
 

@@ -141,7 +141,6 @@ class _Table(Generic[SpecT]):
     kind: str
     specs: dict[str, SpecT] = field(default_factory=dict)
     spellings: dict[str, str] = field(default_factory=dict)
-    originals: dict[str, str] = field(default_factory=dict)
 
     def add(self, spec: SpecT) -> None:
         for spelling in (spec.name, spec.label, *spec.aliases):
@@ -161,7 +160,6 @@ class _Table(Generic[SpecT]):
         self.specs[spec.name] = spec
         for spelling in (spec.name, spec.label, *spec.aliases):
             self.spellings[spelling.casefold()] = spec.name
-            self.originals[spelling.casefold()] = spelling
 
     def find(self, name: str) -> SpecT | None:
         canonical = self.spellings.get(name.strip().casefold()) if isinstance(name, str) else None
@@ -174,10 +172,11 @@ class _Table(Generic[SpecT]):
         return spec
 
     def unknown_message(self, name: object) -> str:
-        close = difflib.get_close_matches(str(name).casefold(), list(self.originals), n=5, cutoff=0.5)
-        hint = f"did you mean {', '.join(repr(self.originals[c]) for c in close)}?" if close else ""
+        close = difflib.get_close_matches(str(name).casefold(), list(self.spellings), n=12, cutoff=0.5)
+        suggestions = list(dict.fromkeys(self.spellings[c] for c in close))[:4]
+        hint = f"did you mean {', '.join(repr(s) for s in suggestions)}? " if suggestions else ""
         valid = ", ".join(sorted(self.specs)) or "none registered"
-        return f"unknown {self.kind} {name!r}; {hint + ' ' if hint else ''}valid names: {valid}"
+        return f"unknown {self.kind} {name!r}; {hint}valid names: {valid}"
 
 
 class Registry:
@@ -224,10 +223,13 @@ class Registry:
     ) -> SamplerSpec:
         """Register sampler ``fn`` under ``name`` (ComfyUI spelling), ``label`` (A1111) and ``aliases``."""
         if noise not in ("none", "gaussian", "brownian"):
-            raise PluginError(f"sampler {name!r}: noise must be 'none', 'gaussian' or 'brownian', got {noise!r}")
+            raise PluginError(
+                f"plugin {self._plugin!r}: sampler {name!r}: noise must be 'none', 'gaussian' or 'brownian', "
+                f"got {noise!r}"
+            )
         spec = SamplerSpec(
-            name=_check_name(name, "sampler"),
-            fn=_check_callable(fn, name),
+            name=self._check_name(name, "sampler"),
+            fn=self._check_callable(fn, name),
             label=label or name,
             aliases=tuple(aliases),
             plugin=self._plugin,
@@ -249,8 +251,8 @@ class Registry:
     ) -> SchedulerSpec:
         """Register sigma schedule ``fn(steps, model_sampling) -> sigmas`` under ``name``."""
         spec = SchedulerSpec(
-            name=_check_name(name, "scheduler"),
-            fn=_check_callable(fn, name),
+            name=self._check_name(name, "scheduler"),
+            fn=self._check_callable(fn, name),
             label=label or name,
             aliases=tuple(aliases),
             plugin=self._plugin,
@@ -261,8 +263,8 @@ class Registry:
 
     def _add_component(self, kind: str, name: str, factory: Callable[..., Any], **kwargs: Any) -> ComponentSpec:
         spec = ComponentSpec(
-            name=_check_name(name, kind),
-            factory=_check_callable(factory, name),
+            name=self._check_name(name, kind),
+            factory=self._check_callable(factory, name),
             label=kwargs.get("label") or name,
             aliases=tuple(kwargs.get("aliases", ())),
             plugin=self._plugin,
@@ -282,6 +284,21 @@ class Registry:
     def add_runtime(self, name: str, factory: Callable[..., Any], **kwargs: Any) -> ComponentSpec:
         """Register a runtime factory (``label``, ``aliases``, ``description`` keywords)."""
         return self._add_component("runtime", name, factory, **kwargs)
+
+    def _check_name(self, name: str, kind: str) -> str:
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise PluginError(
+                f"plugin {self._plugin!r}: a {kind} name must be a non-empty string without surrounding "
+                f"spaces, got {name!r}"
+            )
+        return name
+
+    def _check_callable(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        if not callable(fn):
+            raise PluginError(
+                f"plugin {self._plugin!r}: {name!r} must be registered with a callable, got {type(fn).__name__}"
+            )
+        return fn
 
     # -- reading --------------------------------------------------------------------
 
@@ -339,23 +356,13 @@ class Registry:
         spec = self._samplers.find(label)
         if spec is not None:
             return spec, None
+        if not isinstance(label, str):
+            raise PluginError(f"a sampler label must be a string, got {type(label).__name__}")
         head, _, tail = label.strip().rpartition(" ")
         sampler, schedule = self._samplers.find(head), self._schedulers.find(tail)
         if sampler is None or schedule is None:
             raise PluginError(self._samplers.unknown_message(label))
         return sampler, schedule
-
-
-def _check_name(name: str, kind: str) -> str:
-    if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise PluginError(f"a {kind} name must be a non-empty string without surrounding spaces, got {name!r}")
-    return name
-
-
-def _check_callable(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-    if not callable(fn):
-        raise PluginError(f"{name!r} must be registered with a callable, got {type(fn).__name__}")
-    return fn
 
 
 # -- plugin loading -------------------------------------------------------------------
@@ -385,8 +392,16 @@ def _register_plugin(manager: pluggy.PluginManager, plugin: object, name: str) -
 
 def _load_builtins(manager: pluggy.PluginManager, blocked: set[str]) -> None:
     for name, module_name in BUILTIN_PLUGINS:
-        if name not in blocked:
-            _register_plugin(manager, importlib.import_module(module_name), name)
+        if name in blocked:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise PluginError(
+                f"built-in plugin {name!r} ({module_name}) failed to import: {type(exc).__name__}: {exc}; "
+                "reinstall latentrt"
+            ) from exc
+        _register_plugin(manager, module, name)
 
 
 def _load_entry_points(manager: pluggy.PluginManager, blocked: set[str]) -> None:
@@ -411,7 +426,7 @@ def _run_register_hooks(manager: pluggy.PluginManager) -> Registry:
     for impl in manager.hook.latentrt_register.get_hookimpls():  # registration order
         with registry.registering(impl.plugin_name):
             try:
-                impl.function(registry=registry)
+                impl.function(**{arg: registry for arg in impl.argnames})
             except PluginError:
                 raise
             except Exception as exc:

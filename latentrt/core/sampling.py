@@ -19,6 +19,7 @@ from latentrt.core.protocols import NoiseSource, SamplerCallback, StepInfo
 
 __all__ = [
     "ancestral_step",
+    "churn",
     "append_dims",
     "batch_sigma",
     "check_options",
@@ -118,3 +119,27 @@ def check_options(fn: Callable[..., Any], name: str, options: dict[str, Any]) ->
     if unknown and not accepts_any:
         valid = ", ".join(sorted(known)) or "none"
         raise InvalidRequest(f"sampler {name!r} does not take option(s) {', '.join(unknown)}; it takes: {valid}")
+
+
+def churn(
+    x: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    steps: int,
+    noise: NoiseSource | None,
+    sampler: str,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> tuple[Tensor, Tensor]:
+    """Karras Algorithm 2 lines 4-6: raise ``sigma`` to ``sigma_hat = (1 + gamma) sigma`` with fresh noise.
+
+    Returns ``(x_hat, sigma_hat)``; noise is drawn only when ``gamma > 0``.
+    """
+    gamma = min(s_churn / steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        eps = require_noise(noise, sampler)(sigma, sigma_next) * s_noise
+        x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
+    return x, sigma_hat

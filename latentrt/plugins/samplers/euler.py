@@ -8,7 +8,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import ancestral_step, batch_sigma, report, require_noise, to_d
+from latentrt.core.sampling import ancestral_step, batch_sigma, churn, report, require_noise, to_d
 
 
 def sample_euler(
@@ -28,11 +28,7 @@ def sample_euler(
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            eps = require_noise(noise, "euler")(sigma, sigma_next) * s_noise
-            x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
+        x, sigma_hat = churn(x, sigma, sigma_next, steps, noise, "euler", s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, batch_sigma(sigma_hat, x), cond)
         d = to_d(x, sigma_hat, denoised)
         report(callback, i, x, sigma_hat, sigma_next, denoised)
