@@ -33,6 +33,7 @@ KDIFF_NAMES = {
     "euler_ancestral": "sample_euler_ancestral",
     "heun": "sample_heun",
     "dpm_2": "sample_dpm_2",
+    "dpm_2_ancestral": "sample_dpm_2_ancestral",
     "lms": "sample_lms",
     "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral",
     "dpmpp_2m": "sample_dpmpp_2m",
