@@ -31,6 +31,7 @@ from latentrt.core.protocols import Conditioning, ModelSampling
 from latentrt.core.registry import SamplerSpec, registry
 
 __all__ = [
+    "GaussianConsistencyFunction",
     "GaussianDenoiser",
     "GaussianTarget",
     "check_sampler",
@@ -68,6 +69,10 @@ class GaussianTarget:
         """A fresh exact denoiser."""
         return GaussianDenoiser(self.mu, self.s, model_sampling or sd_model_sampling())
 
+    def consistency_function(self, model_sampling: ModelSampling | None = None) -> GaussianConsistencyFunction:
+        """The exact consistency function ``f(x, sigma) = x(0)`` along the ODE (Song et al. 2023)."""
+        return GaussianConsistencyFunction(self, model_sampling or sd_model_sampling())
+
     def start(self, shape: Sequence[int], sigma: float, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
         """Samples of the exact marginal ``N(mu, s^2 + sigma^2)`` at noise level ``sigma``."""
         z = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -77,6 +82,23 @@ class GaussianTarget:
         """Where the probability-flow ODE carries ``x`` from ``sigma_from`` to ``sigma_to``."""
         ratio = math.sqrt(self.s**2 + sigma_to**2) / math.sqrt(self.s**2 + sigma_from**2)
         return self.mu + (x - self.mu) * ratio
+
+
+@dataclass
+class GaussianConsistencyFunction:
+    """What a perfect consistency model (LCM) returns on the Gaussian target: the ODE end point.
+
+    Consistency samplers such as ``lcm`` jump to ``x0`` and re-noise; with the MMSE
+    denoiser instead of a consistency model they shrink the spread at every jump.
+    """
+
+    target: GaussianTarget
+    model_sampling: ModelSampling
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """``mu + (x - mu) * s / sqrt(s^2 + sigma^2)``, per image."""
+        sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return self.target.mu + (x - self.target.mu) * self.target.s / (self.target.s**2 + sigma_b**2) ** 0.5
 
 
 def _resolve(sampler: SamplerSpec | Callable[..., Tensor] | str) -> SamplerSpec:
@@ -190,11 +212,19 @@ def check_deterministic(spec: SamplerSpec) -> None:
             raise AssertionError(f"image {k} of a batch differs from the same seed run alone")
 
 
-def check_gaussian_moments(spec: SamplerSpec, steps: int = 40, tolerance: float = 0.08) -> None:
-    """Samples of the Gaussian target have its mean and std within ``tolerance``."""
+def check_gaussian_moments(
+    spec: SamplerSpec, steps: int = 40, tolerance: float = 0.08, *, consistency_model: bool = False
+) -> None:
+    """Samples of the Gaussian target have its mean and std within ``tolerance``.
+
+    ``consistency_model=True`` drives the sampler with the exact consistency function
+    instead of the denoiser, for samplers meant for consistency models (``lcm``).
+    """
     target = GaussianTarget()
     sigmas = _karras(steps, 0.03, 14.6)
-    out = run_sampler(spec, target, sigmas, batch=8, shape=(1, 32, 32))
+    model = target.consistency_function() if consistency_model else target.denoiser()
+    x = torch.cat([target.start((1, 1, 32, 32), float(sigmas[0]), seed=s) for s in range(8)])
+    out = spec.sample(model, x, sigmas, noise=noise_for_sampler(spec.noise, x, sigmas, range(1000, 1008)))
     mean, std = float(out.mean()), float(out.std())
     if abs(mean - target.mu) > tolerance or abs(std - target.s) > tolerance:
         raise AssertionError(
@@ -202,13 +232,17 @@ def check_gaussian_moments(spec: SamplerSpec, steps: int = 40, tolerance: float 
         )
 
 
-def check_sampler(sampler: SamplerSpec | Callable[..., Tensor] | str) -> None:
-    """Run every conformance check; raises AssertionError naming the first failure."""
+def check_sampler(sampler: SamplerSpec | Callable[..., Tensor] | str, *, consistency_model: bool = False) -> None:
+    """Run every conformance check; raises AssertionError naming the first failure.
+
+    Set ``consistency_model`` for samplers meant for consistency models (see
+    :func:`check_gaussian_moments`).
+    """
     spec = _resolve(sampler)
     check_signature(spec.fn)
     check_preserves_tensor(spec)
     check_deterministic(spec)
-    check_gaussian_moments(spec)
+    check_gaussian_moments(spec, consistency_model=consistency_model)
 
 
 try:  # pytest plugin: ``latentrt_check_sampler`` fixture

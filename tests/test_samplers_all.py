@@ -82,8 +82,11 @@ def test_batch_invariance_and_determinism(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_samples_have_the_target_moments(name: str) -> None:
-    """N(0.5, 0.6^2) data: mean and std of 8x32x32 samples within 0.08 after 40 Karras steps."""
-    check_gaussian_moments(_spec(name))
+    """N(0.5, 0.6^2) data: mean and std of 8x32x32 samples within 0.08 after 40 Karras steps.
+
+    lcm is a consistency-model sampler: it runs on the exact consistency function.
+    """
+    check_gaussian_moments(_spec(name), consistency_model=name == "lcm")
 
 
 @pytest.mark.parametrize("name", ALL)
