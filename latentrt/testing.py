@@ -29,6 +29,7 @@ from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.noise import noise_for_sampler
 from latentrt.core.protocols import Conditioning, ModelSampling
 from latentrt.core.registry import SamplerSpec, registry
+from latentrt.core.sampling import karras_levels
 
 __all__ = [
     "GaussianConsistencyFunction",
@@ -111,9 +112,8 @@ def _resolve(sampler: SamplerSpec | Callable[..., Tensor] | str) -> SamplerSpec:
 
 
 def _karras(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / 7), sigma_max ** (1 / 7)
-    return torch.cat([(hi + ramp * (lo - hi)) ** 7, torch.zeros(1, dtype=torch.float64)])
+    levels = karras_levels(steps, sigma_min, sigma_max)
+    return torch.cat([levels, levels.new_zeros(1)])
 
 
 def run_sampler(

@@ -20,6 +20,7 @@ from latentrt.core.protocols import NoiseSource, SamplerCallback, StepInfo
 __all__ = [
     "ancestral_step",
     "churn",
+    "karras_levels",
     "append_dims",
     "batch_sigma",
     "check_options",
@@ -143,3 +144,16 @@ def churn(
         eps = require_noise(noise, sampler)(sigma, sigma_next) * s_noise
         x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
     return x, sigma_hat
+
+
+def karras_levels(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """``steps`` float64 noise levels from ``sigma_max`` to ``sigma_min``, evenly spaced in
+    ``sigma^(1/rho)`` (Karras et al. 2022, eq. 5), without the final 0.
+
+    The one Karras formula in latentrt: the ``karras`` schedule, the restart sampler
+    and the conformance kit all build on it.
+    """
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    levels: Tensor = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return levels

@@ -19,6 +19,7 @@ from latentrt.core.errors import InvalidRequest
 from latentrt.core.hookspecs import hookimpl
 from latentrt.core.protocols import ModelSampling
 from latentrt.core.registry import Registry
+from latentrt.core.sampling import karras_levels
 
 __all__ = [
     "AYS_NOISE_LEVELS",
@@ -62,9 +63,7 @@ def _finish(sigmas: Tensor | Sequence[float]) -> Tensor:
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022 eq. 5: evenly spaced in ``sigma^(1/rho)`` (k-diffusion ``get_sigmas_karras``)."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _finish((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+    return _finish(karras_levels(steps, sigma_min, sigma_max, rho))
 
 
 def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor:

@@ -20,17 +20,15 @@ from torch import Tensor
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import batch_sigma, report, require_noise, to_d
+from latentrt.core.sampling import batch_sigma, karras_levels, report, require_noise, to_d
 
 RestartList = Mapping[float, Sequence[float]]
 """``{sigma_min: (restart_steps, restart_times, sigma_max)}``, as A1111's ``restart_list``."""
 
 
 def _karras(n: int, sigma_min: float, sigma_max: float, like: Tensor, rho: float = 7.0) -> Tensor:
-    """``n`` Karras sigmas from ``sigma_max`` to ``sigma_min`` then 0 (Karras et al. 2022, eq. 5)."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    """``n`` Karras sigmas from ``sigma_max`` to ``sigma_min`` then 0, in ``like``'s dtype."""
+    sigmas = karras_levels(n, sigma_min, sigma_max, rho)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(like)
 
 
