@@ -183,18 +183,22 @@ def check_signature(fn: Callable[..., Tensor]) -> None:
             raise AssertionError(f"sampler must take keyword-only {keyword}=None")
 
 
-def check_preserves_tensor(spec: SamplerSpec, dtype: torch.dtype = torch.float32) -> None:
+def check_preserves_tensor(
+    spec: SamplerSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> None:
     """Output has the input's shape, dtype and device, is finite, and the input is left untouched."""
-    target = GaussianTarget()
-    sigmas = _karras(6, 0.05, 10.0).to(dtype)
-    x = torch.cat([target.start((1, 3, 4, 5), float(sigmas[0]), seed=s, dtype=dtype) for s in (0, 1)])
+    target, device = GaussianTarget(), torch.device(device)
+    sigmas = _karras(6, 0.05, 10.0).to(device=device, dtype=dtype)
+    x = torch.cat([target.start((1, 3, 4, 5), float(sigmas[0]), seed=s, dtype=dtype) for s in (0, 1)]).to(device)
     x_before, sigmas_before = x.clone(), sigmas.clone()
     noise = noise_for_sampler(spec.noise, x, sigmas, [1000, 1001])
     out = spec.sample(target.denoiser(), x, sigmas, noise=noise)
     if not torch.equal(x, x_before) or not torch.equal(sigmas, sigmas_before):
         raise AssertionError("sampler modified its input latent or sigmas in place")
-    if out.shape != (2, 3, 4, 5) or out.dtype != dtype or out.device.type != "cpu":
-        raise AssertionError(f"sampler returned {tuple(out.shape)} {out.dtype} {out.device}, not (2, 3, 4, 5) {dtype}")
+    if out.shape != (2, 3, 4, 5) or out.dtype != dtype or out.device != x.device:
+        raise AssertionError(
+            f"sampler returned {tuple(out.shape)} {out.dtype} {out.device}, not (2, 3, 4, 5) {dtype} {x.device}"
+        )
     if not bool(torch.isfinite(out).all()):
         raise AssertionError("sampler returned non-finite values on the Gaussian target")
 
