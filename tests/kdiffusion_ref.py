@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+from latentrt.testing import GaussianTarget
 
 
 def _append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
@@ -41,3 +44,21 @@ def load_kdiffusion_sampling() -> types.ModuleType:
     sys.modules["kdiff_ref.sampling"] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+PARITY_SIGMAS = (14.6, 7.0, 3.1, 1.2, 0.5, 0.1, 0.0)
+"""A short, uneven schedule from SD's sigma_max to 0, shared by the parity tests."""
+
+
+def parity_setup(seed: int = 0, batch: int = 2) -> tuple[GaussianTarget, torch.Tensor, torch.Tensor]:
+    """The Gaussian target N(0.3, 0.7^2), :data:`PARITY_SIGMAS` (float64), and a [batch, 4, 8, 8]
+    latent drawn from the exact marginal at the first sigma."""
+    target = GaussianTarget(mu=0.3, s=0.7)
+    sigmas = torch.tensor(PARITY_SIGMAS, dtype=torch.float64)
+    return target, sigmas, target.start((batch, 4, 8, 8), float(sigmas[0]), seed=seed)
+
+
+def kdiff_model(target: GaussianTarget) -> Callable[..., torch.Tensor]:
+    """The target's exact denoiser behind k-diffusion's ``model(x, sigma, **extra_args)`` call."""
+    denoiser = target.denoiser()
+    return lambda x, sigma, **_: denoiser(x, sigma, None)

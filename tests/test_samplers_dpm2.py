@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from kdiffusion_ref import kdiff_model as _kdiff_model
+from kdiffusion_ref import parity_setup as _setup
 
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.noise import GaussianNoise
 from latentrt.core.registry import Registry
-from latentrt.testing import GaussianTarget, check_sampler, convergence_order
+from latentrt.testing import check_sampler, convergence_order
 
 TOL = 1e-5
-
-
-def _setup(seed: int = 0) -> tuple[GaussianTarget, Tensor, Tensor]:
-    target = GaussianTarget(mu=0.3, s=0.7)
-    sigmas = torch.tensor([14.6, 7.0, 3.1, 1.2, 0.5, 0.1, 0.0], dtype=torch.float64)
-    x = target.start((2, 4, 8, 8), float(sigmas[0]), seed=seed)
-    return target, sigmas, x
-
-
-def _kdiff_model(target: GaussianTarget) -> Callable[..., Tensor]:
-    denoiser = target.denoiser()
-    return lambda x, sigma, **_: denoiser(x, sigma, None)
 
 
 def test_dpm_2_matches_kdiffusion(registry: Registry, kdiff: types.ModuleType) -> None:

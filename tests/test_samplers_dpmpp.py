@@ -12,28 +12,18 @@ from typing import Any
 
 import pytest
 import torch
+from kdiffusion_ref import kdiff_model as _kdiff_model
+from kdiffusion_ref import parity_setup as _setup
 
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.noise import BrownianTreeNoise, GaussianNoise
 from latentrt.core.protocols import NoiseSource, StepInfo
 from latentrt.core.registry import Registry
-from latentrt.testing import GaussianTarget, check_sampler, convergence_order
+from latentrt.testing import check_sampler, convergence_order
 
 TOL = 1e-5
 SEEDS = [11, 12]
-SIGMAS = [14.6, 7.0, 3.1, 1.2, 0.5, 0.1, 0.0]
-
-
-def _setup(seed: int = 0) -> tuple[GaussianTarget, torch.Tensor, torch.Tensor]:
-    target = GaussianTarget(mu=0.3, s=0.7)
-    sigmas = torch.tensor(SIGMAS, dtype=torch.float64)
-    x = target.start((2, 4, 8, 8), float(sigmas[0]), seed=seed)
-    return target, sigmas, x
-
-
-def _kdiff_model(target: GaussianTarget) -> Callable[..., torch.Tensor]:
-    denoiser = target.denoiser()
-    return lambda x, sigma, **_: denoiser(x, sigma, None)
+SIGMAS = list(PARITY_SIGMAS)
 
 
 def _brownian(x: torch.Tensor) -> NoiseSource:
