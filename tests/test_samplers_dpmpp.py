@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from kdiffusion_ref import PARITY_SIGMAS
 from kdiffusion_ref import kdiff_model as _kdiff_model
 from kdiffusion_ref import parity_setup as _setup
 
