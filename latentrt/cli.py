@@ -95,8 +95,9 @@ def _demo_row(spec: SamplerSpec, schedule: SchedulerSpec, steps: int, seeds: lis
     sigmas = schedule.sigmas(steps + int(spec.discard_penultimate_sigma), denoiser.model_sampling)
     if spec.discard_penultimate_sigma:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
-    x = initial_noise((3, size, size), make_generators(seeds)) * sigmas[0]
-    noise = noise_for_sampler(spec.noise, x, sigmas, seeds)
+    generators = make_generators(seeds)
+    x = initial_noise((3, size, size), generators) * sigmas[0]
+    noise = noise_for_sampler(spec.noise, x, sigmas, seeds, generators=generators)
     return spec.sample(denoiser, x, sigmas, noise=noise)
 
 

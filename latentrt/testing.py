@@ -186,9 +186,13 @@ def check_signature(fn: Callable[..., Tensor]) -> None:
 def check_preserves_tensor(
     spec: SamplerSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> None:
-    """Output has the input's shape, dtype and device, is finite, and the input is left untouched."""
+    """Output has the input's shape, dtype and device, is finite, and the input is left untouched.
+
+    Sigmas stay float32 on the CPU whatever the latent's dtype and device, as schedules make
+    them: a sampler must not let them promote or move the latent.
+    """
     target, device = GaussianTarget(), torch.device(device)
-    sigmas = _karras(6, 0.05, 10.0).to(device=device, dtype=dtype)
+    sigmas = _karras(6, 0.05, 10.0).to(torch.float32)
     x = torch.cat([target.start((1, 3, 4, 5), float(sigmas[0]), seed=s, dtype=dtype) for s in (0, 1)]).to(device)
     x_before, sigmas_before = x.clone(), sigmas.clone()
     noise = noise_for_sampler(spec.noise, x, sigmas, [1000, 1001])
@@ -217,9 +221,13 @@ def check_deterministic(spec: SamplerSpec) -> None:
 
 
 def check_gaussian_moments(
-    spec: SamplerSpec, steps: int = 40, tolerance: float = 0.08, *, consistency_model: bool = False
+    spec: SamplerSpec, steps: int = 80, tolerance: float = 0.04, *, consistency_model: bool = False
 ) -> None:
     """Samples of the Gaussian target have its mean and std within ``tolerance``.
+
+    8 x 32 x 32 samples after 80 Karras steps: the statistics' own sampling error is about
+    0.005, and the first-order samplers' bias 0.025 (euler_ancestral, ddpm), so a sampler
+    whose spread is off by 7% fails.
 
     ``consistency_model=True`` drives the sampler with the exact consistency function
     instead of the denoiser, for samplers meant for consistency models (``lcm``).

@@ -76,7 +76,7 @@ def test_brownian_noise_is_unit_variance_and_batch_invariant() -> None:
     alone = BrownianTreeNoise(like[:1], [2], 0.03, 14.6)
     step = batch(torch.tensor(3.0), torch.tensor(1.5))
     assert float(step.std()) == pytest.approx(1.0, abs=0.05)
-    torch.testing.assert_close(step[1:2], alone(torch.tensor(3.0), torch.tensor(1.5)), rtol=0, atol=1e-6)
+    assert torch.equal(step[1:2], alone(torch.tensor(3.0), torch.tensor(1.5)))
 
 
 def test_brownian_noise_subdivision_adds_up() -> None:
@@ -98,6 +98,27 @@ def test_noise_for_sampler_kinds() -> None:
     assert isinstance(noise_for_sampler("brownian", like, sigmas, [0, 1]), BrownianTreeNoise)
     with pytest.raises(InvalidRequest, match="unknown noise kind"):
         noise_for_sampler("pink", like, sigmas, [0, 1])
+
+
+def test_brownian_noise_for_a_one_step_schedule_spans_from_zero() -> None:
+    like = torch.zeros(1, 8)
+    noise = noise_for_sampler("brownian", like, torch.tensor([14.6, 0.0]), [3])
+    assert noise is not None
+    assert noise(torch.tensor(14.6), torch.tensor(5.0)).shape == like.shape
+
+
+def test_gaussian_noise_continues_the_generators_that_drew_the_initial_latent() -> None:
+    """As diffusers' ancestral schedulers do: the first injected noise is the generator's next draw,
+    not a repeat of the initial latent."""
+    generators = make_generators([7])
+    x = initial_noise((4, 4), generators)
+    noise = noise_for_sampler("gaussian", x, torch.tensor([1.0, 0.0]), [7], generators=generators)
+    assert noise is not None
+    first = noise(torch.tensor(1.0), torch.tensor(0.5))
+    reference = torch.Generator().manual_seed(7)
+    torch.randn((4, 4), generator=reference)
+    assert torch.equal(first, torch.randn((4, 4), generator=reference).unsqueeze(0))
+    assert not torch.equal(first, x)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64])

@@ -200,6 +200,20 @@ def test_installed_plugin_is_discovered(example: Example) -> None:
     assert runs[SAMPLER]["error"] < runs["euler"]["error"] / 10
 
 
+def test_cli_lists_it_with_its_plugin(example: Example) -> None:
+    """``latentrt plugins`` and ``latentrt plugins --json`` show the installed sampler next to the built-ins."""
+    listing = json.loads(example.run("-m", "latentrt.cli", "plugins", "--json"))
+    rows = {(row["kind"], row["name"]): row for row in listing["components"]}
+    assert PLUGIN in listing["plugins"]
+    assert rows[("sampler", SAMPLER)]["plugin"] == PLUGIN
+    assert rows[("sampler", SAMPLER)]["label"] == LABEL
+    assert rows[("sampler", "euler")]["plugin"] == "latentrt.samplers"
+    table = example.run("-m", "latentrt.cli", "plugins")
+    line = next(line for line in table.splitlines() if line.strip().startswith(SAMPLER))
+    assert f'"{LABEL}"' in line
+    assert f"[{PLUGIN}]" in line
+
+
 def test_example_conformance_tests_pass(example: Example) -> None:
     out = example.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=example.source)
     assert " passed" in out

@@ -167,7 +167,7 @@ def test_lookup_of_non_names_is_a_plugin_error(builtins: Registry, bad: Any) -> 
 def test_spec_metadata(builtins: Registry) -> None:
     euler = builtins.sampler("euler")
     assert euler.label == "Euler"
-    assert euler.noise == "none"
+    assert euler.noise == "gaussian"  # s_churn > 0 draws noise, so the pipeline hands it a source
     assert builtins.sampler("euler_ancestral").noise == "gaussian"
     assert euler.description == "Euler's method on the probability-flow ODE, with optional churn (Karras Algorithm 2)."
     assert euler.options == {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
@@ -357,6 +357,28 @@ def test_entry_point_that_fails_to_import(fake_entry_points: list[importlib.meta
     assert "ModuleNotFoundError" in message
     assert "LATENTRT_BLOCK_PLUGINS=broken" in message
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+@pytest.mark.parametrize("name", ["fake", SAMPLERS_PLUGIN])
+def test_two_entry_points_with_one_name_are_refused(
+    fake_entry_points: list[importlib.metadata.EntryPoint], name: str
+) -> None:
+    """A second plugin under a name already taken (by another package, or a built-in) is never dropped silently."""
+    copies = 1 if name == SAMPLERS_PLUGIN else 2  # a built-in already holds its own name
+    fake_entry_points.extend([_entry_point(name, FAKE_MODULE)] * copies)
+    with pytest.raises(PluginError, match=rf"two plugins are named '{name}'.*LATENTRT_BLOCK_PLUGINS"):
+        build_registry()
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda x: x, lambda denoiser, x: x, lambda denoiser, x, sigmas: x],
+    ids=["one-arg", "two-args", "no-keywords"],
+)
+def test_sampler_breaking_the_contract_is_refused_at_registration(fn: Callable[..., object]) -> None:
+    plugin = make_plugin("sloppy", lambda r: r.add_sampler("bad", fn))
+    with pytest.raises(PluginError, match=r"plugin 'sloppy': sampler 'bad' breaks the sampler contract"):
+        build_registry(autoload=False, blocked=(), plugins=[("sloppy", plugin)])
 
 
 def test_entry_point_whose_import_raises(fake_entry_points: list[importlib.metadata.EntryPoint]) -> None:

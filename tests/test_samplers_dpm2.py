@@ -68,7 +68,7 @@ def test_dpm_2_ancestral_needs_noise_only_when_eta_positive(registry: Registry) 
 def test_dpm_2_registration(registry: Registry) -> None:
     dpm_2, ancestral = registry.sampler("dpm_2"), registry.sampler("dpm_2_ancestral")
     assert dpm_2.discard_penultimate_sigma and ancestral.discard_penultimate_sigma
-    assert (dpm_2.noise, ancestral.noise) == ("none", "gaussian")
+    assert (dpm_2.noise, ancestral.noise) == ("gaussian", "gaussian")  # dpm_2: churn noise
 
 
 def test_dpm_2_is_second_order(registry: Registry) -> None:

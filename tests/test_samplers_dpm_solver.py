@@ -30,7 +30,19 @@ def float64_default() -> Iterator[None]:
     torch.set_default_dtype(previous)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 10])
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_one_step_schedule_lands_on_the_denoised_estimate(registry: Registry, name: str) -> None:
+    """k-diffusion/ComfyUI would solve from sigma_max to sigma_max (a no-op returning noise); we take the
+    first-order step to 0, x0 = D(x, sigma)."""
+    target, _, x = _setup()
+    sigmas = torch.tensor([14.6, 0.0], dtype=torch.float64)
+    steps: list[StepInfo] = []
+    out = registry.sampler(name).sample(target.denoiser(), x.clone(), sigmas, callback=steps.append)
+    torch.testing.assert_close(out, target.denoiser()(x, torch.full([2], 14.6, dtype=torch.float64)), rtol=0, atol=0)
+    assert [s.i for s in steps] == [0]
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4, 5, 6, 10])
 @pytest.mark.usefixtures("float64_default")
 def test_dpm_fast_matches_kdiffusion(registry: Registry, kdiff: types.ModuleType, steps: int) -> None:
     target, _, x = _setup()
@@ -164,9 +176,10 @@ def test_bad_requests_are_refused(registry: Registry) -> None:
 
 
 def test_dpm_fast_convergence_order(registry: Registry) -> None:
-    # nfe = steps - 1 = 2 (mod 3): steps of order 3, 3, ..., 3, 2; observed 3.58 on the Gaussian target.
-    # (With nfe = 0 or 1 (mod 3) the last step is first order and the observed order drops to ~2.3.)
-    assert convergence_order(registry.sampler("dpm_fast"), steps=(9, 18, 36, 72)) == pytest.approx(3.0, abs=0.65)
+    """Third order: nfe = steps - 1 = 2 (mod 3) gives steps of order 3, 3, ..., 3, 2 (observed 3.58 on the
+    linear Gaussian target, which favours it). With nfe = 0 or 1 (mod 3) the last step is first order and
+    the observed order drops to ~2.3, so those step counts are not used here."""
+    assert convergence_order(registry.sampler("dpm_fast"), steps=(9, 18, 36, 72)) > 2.9
 
 
 @pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])

@@ -39,7 +39,9 @@ def _ours(registry: Registry, name: str, x: Tensor, sigmas: list[float], **optio
 def test_ipndm_matches_diffusers(registry: Registry) -> None:
     """diffusers' IPNDMScheduler is the same method (fixed AB weights on eps, DDIM-style step) on its own
     VP table: give it ours through ``trained_betas`` (its "betas" are the VP sigmas) and feed it the model
-    output whose ``ets = sample * beta + output * alpha`` is our eps."""
+    output whose ``ets = sample * beta + output * alpha`` is our eps. Compared up to the last nonzero
+    sigma: the final step to 0 follows ComfyUI (x0 = D(x, sigma), tested below), where diffusers
+    takes one more multistep step."""
     diffusers = pytest.importorskip("diffusers")
     sigma = np.asarray(_karras(12))
     scheduler = diffusers.IPNDMScheduler(trained_betas=(sigma / np.sqrt(1 + sigma**2)).tolist())
@@ -48,11 +50,25 @@ def test_ipndm_matches_diffusers(registry: Registry) -> None:
     sigmas = (scheduler.betas / scheduler.alphas).tolist()  # the float32 table's own sigmas, in float64
     x_ve = TARGET.start((2, 4, 8, 8), sigmas[0], seed=1)
     x_vp = x_ve * scheduler.alphas[0]
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps[:-1]):
         alpha, beta = scheduler.alphas[i], scheduler.betas[i]
         output = (_d(x_vp / alpha, sigmas[i]) - x_vp * beta) / alpha
         x_vp = scheduler.step(output, t, x_vp).prev_sample
-    assert (_ours(registry, "iPNDM", x_ve, sigmas) - x_vp).abs().max() < TOL
+    up_to_last = torch.tensor(sigmas[:-1], dtype=torch.float64)
+    ours = registry.sampler("iPNDM").fn(TARGET.denoiser(), x_ve.clone(), up_to_last)
+    assert (ours - x_vp / scheduler.alphas[len(sigmas) - 2]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name", ["ipndm", "ipndm_v"])
+def test_ipndm_final_step_lands_on_the_denoised_estimate(registry: Registry, name: str) -> None:
+    """ComfyUI's sample_ipndm / sample_ipndm_v: ``if t_next == 0: x = denoised``."""
+    sigmas = _karras(8)
+    x = TARGET.start((2, 4, 8, 8), sigmas[0], seed=4)
+    before_last = registry.sampler(name).fn(
+        TARGET.denoiser(), x.clone(), torch.tensor(sigmas[:-1], dtype=torch.float64)
+    )
+    expected = TARGET.denoiser()(before_last, torch.full([2], sigmas[-2], dtype=torch.float64))
+    assert (_ours(registry, name, x, sigmas) - expected).abs().max() < 1e-12
 
 
 def _comfy_ipndm_v_weights(t: list[float], i: int, order: int) -> list[float]:
@@ -83,10 +99,13 @@ def _comfy_ipndm_v_weights(t: list[float], i: int, order: int) -> list[float]:
 def _multistep_reference(
     x: Tensor, sigmas: list[float], weights: Callable[[int, int], list[float]], max_order: int
 ) -> Tensor:
-    """``x_next = x + sum_j w_j d_{i-j}`` with ``weights(i, order)`` already including the step size."""
+    """``x_next = x + sum_j w_j d_{i-j}`` with ``weights(i, order)`` already including the step size;
+    the step to 0 lands on the denoised estimate ``x - sigma * d`` (ComfyUI)."""
     ds: list[Tensor] = []
     for i in range(len(sigmas) - 1):
         ds = [_d(x, sigmas[i]), *ds][:max_order]
+        if sigmas[i + 1] == 0:
+            return x - sigmas[i] * ds[0]
         x = x + sum(w * d for w, d in zip(weights(i, len(ds)), ds, strict=False))  # Euler steps use d_i alone
     return x
 

@@ -185,17 +185,27 @@ class BrownianTreeNoise:
         return increments.to(device=self._like.device, dtype=self._like.dtype)
 
 
-def noise_for_sampler(kind: str, like: Tensor, sigmas: Tensor, seeds: Sequence[int]) -> NoiseSource | None:
+def noise_for_sampler(
+    kind: str,
+    like: Tensor,
+    sigmas: Tensor,
+    seeds: Sequence[int],
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+) -> NoiseSource | None:
     """The noise source a sampler registered with noise ``kind`` consumes, one seed per image.
 
-    ``"none"`` -> None, ``"gaussian"`` -> :class:`GaussianNoise`, ``"brownian"`` ->
-    :class:`BrownianTreeNoise` spanning the positive part of ``sigmas``.
+    ``"none"`` -> None; ``"gaussian"`` -> :class:`GaussianNoise`, continuing
+    ``generators`` when given (pass the ones that drew the initial latent, as diffusers
+    does) or fresh ones from ``seeds``; ``"brownian"`` -> :class:`BrownianTreeNoise`
+    over the positive sigmas (from 0 when there is only one).
     """
     if kind == "none":
         return None
     if kind == "gaussian":
-        return GaussianNoise.from_seeds(like, seeds)
+        return GaussianNoise(like, generators if generators is not None else make_generators(seeds))
     if kind == "brownian":
         positive = sigmas[sigmas > 0]
-        return BrownianTreeNoise(like, seeds, float(positive.min()), float(positive.max()))
+        low, high = float(positive.min()), float(positive.max())
+        return BrownianTreeNoise(like, seeds, low if low < high else 0.0, high)
     raise InvalidRequest(f"unknown noise kind {kind!r}; expected 'none', 'gaussian' or 'brownian'")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from torch import Tensor
 from latentrt.core import hookspecs
 from latentrt.core.errors import InvalidRequest, PluginError
 from latentrt.core.protocols import Conditioning, Denoiser, ModelSampling, NoiseSource, SamplerCallback
-from latentrt.core.sampling import check_options, check_sigmas, sampler_options
+from latentrt.core.sampling import check_options, check_sigmas, sampler_options, sampler_signature_problem
 
 __all__ = [
     "BUILTIN_PLUGINS",
@@ -63,7 +64,8 @@ def _first_doc_line(obj: object) -> str:
 class SamplerSpec:
     """A registered sampler: its function and how tools and users name it.
 
-    ``noise`` says which noise source the sampler consumes (the pipeline builds it);
+    ``noise`` says which noise source the sampler consumes when its options make it draw
+    noise (the pipeline always builds that source; euler uses it only with ``s_churn > 0``);
     ``discard_penultimate_sigma`` marks samplers that ComfyUI and A1111 run on a
     schedule with its second-to-last sigma dropped (dpm_2, dpm_2_ancestral, uni_pc).
     """
@@ -112,9 +114,13 @@ class SchedulerSpec:
 
     def sigmas(self, steps: int, model_sampling: ModelSampling) -> Tensor:
         """``steps + 1`` decreasing sigmas ending in 0, checked."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        try:
+            count = operator.index(steps)  # ints, numpy and torch integers; not floats or bools
+        except TypeError:
+            count = 0
+        if isinstance(steps, bool) or count < 1:
             raise InvalidRequest(f"steps must be an integer >= 1, got {steps!r}")
-        sigmas = self.fn(steps, model_sampling)
+        sigmas = self.fn(count, model_sampling)
         check_sigmas(sigmas)
         return sigmas
 
@@ -227,9 +233,12 @@ class Registry:
                 f"plugin {self._plugin!r}: sampler {name!r}: noise must be 'none', 'gaussian' or 'brownian', "
                 f"got {noise!r}"
             )
+        problem = sampler_signature_problem(self._check_callable(fn, name))
+        if problem is not None:
+            raise PluginError(f"plugin {self._plugin!r}: sampler {name!r} breaks the sampler contract: {problem}")
         spec = SamplerSpec(
             name=self._check_name(name, "sampler"),
-            fn=self._check_callable(fn, name),
+            fn=fn,
             label=label or name,
             aliases=tuple(aliases),
             plugin=self._plugin,
@@ -405,11 +414,17 @@ def _load_builtins(manager: pluggy.PluginManager, blocked: set[str]) -> None:
 
 
 def _load_entry_points(manager: pluggy.PluginManager, blocked: set[str]) -> None:
-    """Import every ``latentrt`` entry point; an import failure is a PluginError naming it."""
+    """Import every ``latentrt`` entry point; an import failure or a name clash is a PluginError."""
+    owners = {name: "latentrt itself (built-in)" for name, _ in BUILTIN_PLUGINS}
     for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
-        if entry_point.name in blocked or manager.get_plugin(entry_point.name) is not None:
+        if entry_point.name in blocked:
             continue
         dist = getattr(entry_point.dist, "name", "an unknown distribution")
+        if entry_point.name in owners:
+            raise PluginError(
+                f"two plugins are named {entry_point.name!r}: one from {owners[entry_point.name]}, one from "
+                f"{dist} ({entry_point.value}); uninstall one, or block the name with LATENTRT_BLOCK_PLUGINS"
+            )
         try:
             plugin = entry_point.load()
         except Exception as exc:
@@ -419,6 +434,7 @@ def _load_entry_points(manager: pluggy.PluginManager, blocked: set[str]) -> None
                 f"LATENTRT_BLOCK_PLUGINS={entry_point.name}"
             ) from exc
         _register_plugin(manager, plugin, entry_point.name)
+        owners[entry_point.name] = dist
 
 
 def _run_register_hooks(manager: pluggy.PluginManager) -> Registry:

@@ -21,6 +21,7 @@ __all__ = [
     "ancestral_step",
     "churn",
     "karras_levels",
+    "like_x",
     "append_dims",
     "batch_sigma",
     "check_options",
@@ -28,6 +29,7 @@ __all__ = [
     "report",
     "require_noise",
     "sampler_options",
+    "sampler_signature_problem",
     "to_d",
 ]
 
@@ -41,13 +43,28 @@ def append_dims(t: Tensor, target_dims: int) -> Tensor:
 
 
 def batch_sigma(sigma: Tensor, x: Tensor) -> Tensor:
-    """A scalar sigma broadcast to the ``[batch]`` shape the denoiser contract asks for."""
-    return sigma * x.new_ones([x.shape[0]])
+    """A scalar sigma as the ``[batch]`` tensor the denoiser contract asks for, on ``x``'s device.
+
+    Kept in at least float32 even for fp16/bf16 latents: bf16 would round sigma 14.6146 to
+    14.625 before the model turns it into a timestep.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return sigma.to(device=x.device, dtype=dtype).expand(x.shape[0]).contiguous()
+
+
+def like_x(value: Tensor, x: Tensor) -> Tensor:
+    """A sigma-derived coefficient in ``x``'s dtype and device, shaped to broadcast against it.
+
+    Samplers multiply latents by coefficients computed from ``sigmas``, which may be float32
+    on the CPU while ``x`` is fp16 on a GPU: converting first keeps the latent's dtype and
+    avoids a device mismatch.
+    """
+    return append_dims(value.to(device=x.device, dtype=x.dtype), x.ndim)
 
 
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """Karras ODE derivative ``dx/dsigma = (x - D(x, sigma)) / sigma``."""
-    return (x - denoised) / append_dims(sigma, x.ndim)
+    return (x - denoised) / like_x(sigma, x)
 
 
 def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -68,7 +85,8 @@ def require_noise(noise: NoiseSource | None, sampler: str) -> NoiseSource:
     if noise is None:
         raise InvalidRequest(
             f"sampler {sampler!r} injects noise and needs a noise source: pass noise=... "
-            "(latentrt.core.noise.GaussianNoise or BrownianTreeNoise), or use eta=0 where it applies"
+            "(latentrt.core.noise.GaussianNoise or BrownianTreeNoise), or turn the noise off "
+            "(eta=0 or s_churn=0, where the sampler has them)"
         )
     return noise
 
@@ -97,6 +115,19 @@ def check_sigmas(sigmas: Tensor) -> None:
 def _preview(values: Tensor, limit: int = 8) -> str:
     shown = ", ".join(f"{float(v):.4g}" for v in values[:limit])
     return f"[{shown}{', ...' if values.numel() > limit else ''}]"
+
+
+def sampler_signature_problem(fn: Callable[..., Any]) -> str | None:
+    """Why ``fn`` cannot be called as ``fn(denoiser, x, sigmas, cond=, noise=, callback=)``, or None."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return "its signature cannot be inspected"
+    try:
+        signature.bind(None, None, None, cond=None, noise=None, callback=None)
+    except TypeError as exc:
+        return f"it cannot be called as fn(denoiser, x, sigmas, *, cond, noise, callback): {exc}"
+    return None
 
 
 _CONTRACT_PARAMETERS = frozenset({"denoiser", "x", "sigmas", "cond", "noise", "callback"})

@@ -83,7 +83,9 @@ def sample_dpm_2_ancestral(
 
 def register(registry: Registry) -> None:
     """Register dpm_2 and dpm_2_ancestral (both run on a schedule without its penultimate sigma)."""
-    registry.add_sampler("dpm_2", sample_dpm_2, label="DPM2", aliases=("k_dpm_2",), discard_penultimate_sigma=True)
+    registry.add_sampler(
+        "dpm_2", sample_dpm_2, label="DPM2", aliases=("k_dpm_2",), noise="gaussian", discard_penultimate_sigma=True
+    )
     registry.add_sampler(
         "dpm_2_ancestral",
         sample_dpm_2_ancestral,

@@ -17,7 +17,7 @@ from torch import Tensor
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import ancestral_step, append_dims, batch_sigma, report, require_noise
+from latentrt.core.sampling import ancestral_step, append_dims, batch_sigma, like_x, report, require_noise
 
 
 def _sigma(t: Tensor) -> Tensor:
@@ -26,11 +26,6 @@ def _sigma(t: Tensor) -> Tensor:
 
 def _t(sigma: Tensor) -> Tensor:
     return sigma.log().neg()
-
-
-def _coef(value: Tensor, x: Tensor) -> Tensor:
-    """A scalar or per-image ``[batch]`` coefficient shaped to broadcast against ``x``, in its dtype."""
-    return append_dims(value, x.ndim).to(x.dtype)
 
 
 def _phi_1(h: Tensor) -> Tensor:
@@ -54,17 +49,17 @@ class _Solver:
         """Noise prediction at ``t`` and the denoised estimate it comes from."""
         sigma = _sigma(t)
         denoised = self.denoiser(x, batch_sigma(sigma, x), self.cond)
-        return (x - denoised) / _coef(sigma, x), denoised
+        return (x - denoised) / like_x(sigma, x), denoised
 
     def first(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor) -> Tensor:
         """DPM-Solver-1 (paper eq. 3.7): ``x - sigma_next (e^h - 1) eps``."""
-        return x - _coef(_sigma(t_next) * (t_next - t).expm1(), x) * eps
+        return x - like_x(_sigma(t_next) * (t_next - t).expm1(), x) * eps
 
     def second(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, r1: float = 0.5) -> tuple[Tensor, Tensor]:
         """DPM-Solver-2 (paper Algorithm 4 with ``r1``); also returns ``eps`` at the intermediate point."""
         h = t_next - t
         eps_r1 = self.eps(self.first(x, t, t + r1 * h, eps), t + r1 * h)[0]
-        x_2 = self.first(x, t, t_next, eps) - _coef(_sigma(t_next) / (2 * r1) * h.expm1(), x) * (eps_r1 - eps)
+        x_2 = self.first(x, t, t_next, eps) - like_x(_sigma(t_next) / (2 * r1) * h.expm1(), x) * (eps_r1 - eps)
         return x_2, eps_r1
 
     def third(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, eps_r1: Tensor | None = None) -> Tensor:
@@ -74,9 +69,9 @@ class _Solver:
         if eps_r1 is None:
             eps_r1 = self.eps(self.first(x, t, t + r1 * h, eps), t + r1 * h)[0]
         s2 = t + r2 * h
-        u2 = self.first(x, t, s2, eps) - _coef(_sigma(s2) * (r2 / r1) * (_phi_1(r2 * h) - 1), x) * (eps_r1 - eps)
+        u2 = self.first(x, t, s2, eps) - like_x(_sigma(s2) * (r2 / r1) * (_phi_1(r2 * h) - 1), x) * (eps_r1 - eps)
         eps_r2 = self.eps(u2, s2)[0]
-        return self.first(x, t, t_next, eps) - _coef(_sigma(t_next) / r2 * (_phi_1(h) - 1), x) * (eps_r2 - eps)
+        return self.first(x, t, t_next, eps) - like_x(_sigma(t_next) / r2 * (_phi_1(h) - 1), x) * (eps_r2 - eps)
 
     def step(self, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, order: int) -> Tensor:
         """One step of DPM-Solver-``order``."""
@@ -104,6 +99,16 @@ def _ancestral_target(t: Tensor, t_next: Tensor, t_end: Tensor, eta: float) -> t
     return t_down, (_sigma(t_next) ** 2 - _sigma(t_down) ** 2).clamp(min=0) ** 0.5
 
 
+def _single_step(
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Conditioning | None, callback: SamplerCallback | None
+) -> Tensor:
+    """A one-step schedule ``[sigma, 0]`` leaves DPM-Solver no interval to solve (ComfyUI returns the
+    input unchanged); take the first-order step to 0 instead, which lands on ``D(x, sigma)``."""
+    denoised = denoiser(x, batch_sigma(sigmas[0], x), cond)
+    report(callback, 0, x, sigmas[0], sigmas[1], denoised)
+    return denoised
+
+
 def fast_orders(nfe: int) -> list[int]:
     """Orders of DPM-Solver-fast's steps for ``nfe`` model evaluations (paper section 3.4): 3, ..., 3, then 2, 1."""
     steps = nfe // 3 + 1
@@ -122,6 +127,8 @@ def sample_dpm_fast(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver-fast: ``len(sigmas) - 1`` model evaluations on steps uniform in log sigma (Lu et al. 2022)."""
+    if len(sigmas) == 2:
+        return _single_step(denoiser, x, sigmas, cond, callback)
     noise_source = require_noise(noise, "dpm_fast") if eta > 0 else None
     sigma_min, sigma_max = _sigma_range(sigmas)
     t_end = _t(sigma_min)
@@ -216,6 +223,8 @@ def sample_dpm_adaptive(
     with the sigmas of the least advanced image.
     """
     _check_adaptive_options(order, rtol, atol, h_init)
+    if len(sigmas) == 2:
+        return _single_step(denoiser, x, sigmas, cond, callback)
     noise_source = require_noise(noise, "dpm_adaptive") if eta > 0 else None
     sigma_min, sigma_max = _sigma_range(sigmas)
     t_end = _t(sigma_min)
@@ -237,7 +246,7 @@ def sample_dpm_adaptive(
         k = int(s.argmin())  # report the least advanced image's sigmas
         report(callback, i, x, _sigma(s[k]), _sigma(t[k]), denoised)
         if noise_source is not None:  # drawn at every attempt, so image k's noise never depends on the others
-            x_high = x_high + noise_source(_sigma(s), _sigma(t)) * s_noise * _coef(sigma_up, x)
+            x_high = x_high + noise_source(_sigma(s), _sigma(t)) * s_noise * like_x(sigma_up, x)
         accepted = append_dims(accept, x.ndim)
         x_prev, x = torch.where(accepted, x_low, x_prev), torch.where(accepted, x_high, x)
         s, moved, i = torch.where(accept, t, s), bool(accept.any()), i + 1

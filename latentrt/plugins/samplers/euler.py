@@ -62,7 +62,7 @@ def sample_euler_ancestral(
 
 def register(registry: Registry) -> None:
     """Register euler and euler_ancestral."""
-    registry.add_sampler("euler", sample_euler, label="Euler", aliases=("k_euler",))
+    registry.add_sampler("euler", sample_euler, label="Euler", aliases=("k_euler",), noise="gaussian")
     registry.add_sampler(
         "euler_ancestral",
         sample_euler_ancestral,

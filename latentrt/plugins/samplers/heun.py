@@ -92,8 +92,8 @@ def sample_heunpp2(
 
 def register(registry: Registry) -> None:
     """Register heun and heunpp2."""
-    registry.add_sampler("heun", sample_heun, label="Heun", aliases=("k_heun",))
-    registry.add_sampler("heunpp2", sample_heunpp2, label="HeunPP2")
+    registry.add_sampler("heun", sample_heun, label="Heun", aliases=("k_heun",), noise="gaussian")
+    registry.add_sampler("heunpp2", sample_heunpp2, label="HeunPP2", noise="gaussian")
 
 
 __all__ = ["register", "sample_heun", "sample_heunpp2"]

@@ -92,6 +92,8 @@ def _sample_adams_bashforth(
         denoised = denoiser(x, batch_sigma(sigma, x), cond)
         report(callback, i, x, sigma, sigma_next, denoised)
         ds = [to_d(x, sigma, denoised), *ds][:max_order]
+        if sigma_next == 0:  # ComfyUI's ipndm/ipndm_v land on the denoised estimate
+            return denoised
         c = weights(sigma_values, i, len(ds))
         slope = c[0] * ds[0]
         for c_j, d_j in zip(c[1:], ds[1:], strict=True):

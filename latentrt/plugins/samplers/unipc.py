@@ -8,6 +8,9 @@ log(sigma / sigma_next)`` the first-order part of every update is the DDIM step
 solves the order conditions ``sum_k rho_k r_k^(m-1) = m! * hh * phi_{m+1}(hh) / B(h)``, ``hh = -h``, with
 ``B(h) = hh`` ("bh1") or ``expm1(hh)`` ("bh2"). A single node takes ``rho = 1/2``, as in the authors' code.
 
+The last step lands exactly on sigma = 0, as diffusers' UniPCMultistepScheduler does;
+ComfyUI's sample_unipc ends at 0.001 instead, leaving about 1e-3 of noise in the latent.
+
 Schedule of orders as in ComfyUI (and diffusers with ``lower_order_final``): step ``k`` of ``n`` (1-based)
 has order ``min(3, k, n + 1 - k)``; the corrector runs after every step but the last and reuses the model
 evaluation at the predicted point for the next step, so the sampler costs one evaluation per step.
