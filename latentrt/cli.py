@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from PIL import Image, ImageDraw
@@ -144,15 +144,26 @@ def _atomic_save(image: Image.Image, path: Path) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``latentrt: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` on one line with a pointer to ``--help`` and exit 2."""
+        self.exit(2, f"latentrt: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``latentrt`` command."""
-    parser = argparse.ArgumentParser(prog="latentrt", description="Latent-diffusion image generation runtime.")
+    parser = _OneLineErrors(prog="latentrt", description="Latent-diffusion image generation runtime.")
     parser.add_argument("--version", action="version", version=f"latentrt {latentrt.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     plugins = commands.add_parser("plugins", help="list samplers, schedules, model families, exporters, runtimes")

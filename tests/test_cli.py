@@ -59,3 +59,21 @@ def test_version_from_a_subprocess() -> None:
         [sys.executable, "-m", "latentrt.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().startswith("latentrt 0.")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+        (["demo", "--images", "two"], "argument --images: must be an integer >= 1, got 'two'"),
+        (["frob"], "invalid choice: 'frob'"),
+    ],
+)
+def test_usage_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("latentrt: error: ")
+    assert message in err
