@@ -1,0 +1,352 @@
+"""Reading model files: single-file checkpoints, diffusers folders, standalone VAEs.
+
+Tensors are read lazily: a ``.safetensors`` file is memory-mapped (``safetensors.safe_open``)
+and a tensor is materialized only when asked for, so loading a checkpoint into a model
+never holds a second full copy. Shapes and dtypes can be inspected without reading any
+tensor data, which is how model families are detected.
+
+Every failure a user can cause (missing, truncated or corrupt file, unknown format,
+missing or misshapen tensors) is a :class:`~latentrt.core.errors.CheckpointError` naming
+the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from latentrt.core.errors import CheckpointError
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "PrefixView",
+    "SafetensorsFile",
+    "TensorFile",
+    "TensorSource",
+    "TorchPickleFile",
+    "check_tensors",
+    "diffusers_component",
+    "file_sha256",
+    "model_hash",
+    "open_tensors",
+    "read_json",
+]
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorSource(Mapping[str, Tensor]):
+    """A read-only, lazy mapping of tensor names to tensors, with shapes known up front."""
+
+    description: str = "tensors"
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading its data."""
+        return tuple(self[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype of ``key`` without reading its data."""
+        return self[key].dtype
+
+    def with_prefix(self, prefix: str) -> PrefixView:
+        """The tensors under ``prefix``, with the prefix stripped."""
+        return PrefixView(self, prefix)
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether any tensor name starts with ``prefix``."""
+        return any(key.startswith(prefix) for key in self)
+
+
+class SafetensorsFile(TensorSource):
+    """A memory-mapped ``.safetensors`` file; a leading ``state_dict.`` prefix is stripped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = str(path)
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            names = list(self._file.keys())
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({exc}); the file is truncated or corrupt — download it again"
+            ) from exc
+        self._prefix = "state_dict." if names and all(n.startswith("state_dict.") for n in names) else ""
+        self._names = [n[len(self._prefix) :] for n in names]
+        self._index = set(self._names)
+
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` strings (empty when it has none)."""
+        return dict(self._file.metadata() or {})
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._index:
+            raise KeyError(key)
+        tensor: Tensor = self._file.get_tensor(self._prefix + key)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape from the header, without reading data."""
+        return tuple(self._file.get_slice(self._prefix + key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype from the header, without reading data."""
+        name = self._file.get_slice(self._prefix + key).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
+        return _SAFETENSORS_DTYPES[name]
+
+
+class TorchPickleFile(TensorSource):
+    """A ``.ckpt``/``.pt`` file read with ``torch.load(weights_only=True)``: tensors only, never code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = str(path)
+        warnings.warn(
+            f"{path.name}: pickle checkpoints are read with weights_only=True (no code is run); "
+            "prefer .safetensors, which loads faster and without a copy",
+            UserWarning,
+            stacklevel=3,
+        )
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path}: cannot be read as a tensors-only torch checkpoint ({type(exc).__name__}: {exc}); "
+                "it may be truncated, or hold pickled objects latentrt refuses to unpickle — convert it to "
+                ".safetensors"
+            ) from exc
+        self._tensors = _tensor_dict(loaded, path)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def _tensor_dict(loaded: object, path: Path) -> dict[str, Tensor]:
+    """The tensors of a loaded pickle, looking inside a nested ``state_dict`` like LDM files do."""
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors, got {type(loaded).__name__}")
+    tensors = {str(k): v for k, v in loaded.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+class PrefixView(TensorSource):
+    """The tensors of ``source`` whose names start with ``prefix``, prefix stripped; lazy."""
+
+    def __init__(self, source: TensorSource, prefix: str) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.description = f"{source.description} [{prefix}*]"
+        self._names = [k[len(prefix) :] for k in source if k.startswith(prefix)]
+        self._index = set(self._names)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._index:
+            raise KeyError(key)
+        return self.source[self.prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of the underlying tensor, without reading data."""
+        return self.source.shape(self.prefix + key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype of the underlying tensor, without reading data."""
+        return self.source.dtype(self.prefix + key)
+
+
+class TensorFile(TensorSource):
+    """Several files seen as one mapping (a sharded diffusers component)."""
+
+    def __init__(self, parts: Iterable[TensorSource], description: str) -> None:
+        self.description = description
+        self._owner: dict[str, TensorSource] = {}
+        for part in parts:
+            for key in part:
+                if key in self._owner:
+                    raise CheckpointError(f"{description}: tensor {key!r} appears in two shards")
+                self._owner[key] = part
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._owner[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._owner
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape from the owning shard, without reading data."""
+        return self._owner[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Dtype from the owning shard, without reading data."""
+        return self._owner[key].dtype(key)
+
+
+def open_tensors(path: str | Path) -> TensorSource:
+    """Open a ``.safetensors`` (memory-mapped) or ``.ckpt``/``.pt`` (tensors only) file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a diffusers folder as the model, not as a file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if suffix in PICKLE_SUFFIXES:
+        return TorchPickleFile(path)
+    raise CheckpointError(f"{path}: unknown file type {suffix or '(none)'}; expected .safetensors or .ckpt")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a CheckpointError saying what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+def diffusers_component(folder: str | Path, component: str) -> tuple[TensorSource, dict[str, Any]]:
+    """The weights and ``config.json`` of ``folder/component`` in a diffusers folder.
+
+    Reads ``diffusion_pytorch_model.safetensors`` or ``model.safetensors``, sharded ones
+    through their ``*.safetensors.index.json``, and ``.bin`` files tensors-only.
+    """
+    directory = Path(folder) / component
+    if not directory.is_dir():
+        raise CheckpointError(f"{Path(folder)}: diffusers folder has no {component}/ component")
+    config = read_json(directory / "config.json")
+    for stem in _WEIGHT_NAMES:
+        single = directory / f"{stem}.safetensors"
+        if single.exists():
+            return SafetensorsFile(single), config
+        index = directory / f"{stem}.safetensors.index.json"
+        if index.exists():
+            return _sharded(index), config
+    for stem in _WEIGHT_NAMES:
+        if (directory / f"{stem}.bin").exists():
+            return TorchPickleFile(directory / f"{stem}.bin"), config
+    raise CheckpointError(
+        f"{directory}: no weights (expected diffusion_pytorch_model.safetensors or model.safetensors)"
+    )
+
+
+def _sharded(index_path: Path) -> TensorFile:
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: has no weight_map")
+    shards = sorted(set(weight_map.values()))
+    return TensorFile([SafetensorsFile(index_path.parent / shard) for shard in shards], str(index_path.parent))
+
+
+def check_tensors(
+    source: TensorSource,
+    expected: Mapping[str, tuple[int, ...]],
+    what: str,
+    *,
+    allow_unexpected: Iterable[str] = (),
+    limit: int = 5,
+) -> None:
+    """Refuse ``source`` unless it holds exactly the ``expected`` names and shapes.
+
+    The message names the file, the component, and the first ``limit`` missing,
+    unexpected and misshapen tensors with what was expected. ``allow_unexpected`` lists
+    name prefixes that may be present and are ignored (EMA copies, ``model_ema.``, ...).
+    """
+    allowed = tuple(allow_unexpected)
+    missing = [k for k in expected if k not in source]
+    unexpected = [k for k in source if k not in expected and not k.startswith(allowed)]
+    misshapen = [
+        f"{k} {source.shape(k)} (expected {expected[k]})"
+        for k in expected
+        if k in source and source.shape(k) != tuple(expected[k])
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if items:
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    if problems:
+        raise CheckpointError(f"{source.description}: not a valid {what}: {'; '.join(problems)}")
+    for key in expected:
+        if not source.dtype(key).is_floating_point:
+            raise CheckpointError(f"{source.description}: {what} tensor {key!r} is {source.dtype(key)}, not a float")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's short model hash: the first 10 hex digits of the file's SHA-256."""
+    return file_sha256(path)[:10]
