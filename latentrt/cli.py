@@ -19,8 +19,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import latentrt
-from latentrt.core.errors import InvalidRequest, LatentRTError
+from latentrt.core.errors import LatentRTError
 from latentrt.core.noise import batch_seeds, initial_noise, make_generators, noise_for_sampler
+from latentrt.core.parameters import Parameters, format_parameters, save_png
 from latentrt.core.registry import ComponentSpec, Registry, SamplerSpec, SchedulerSpec
 
 DEMO_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc")
@@ -129,18 +130,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             tqdm.write(
                 f"{spec.name:<18} {args.steps} steps x {len(seeds)} images in {time.perf_counter() - start:.2f} s"
             )
-    _atomic_save(_label_grid(rows, scale=3), Path(args.out))
+    settings = {"Steps": args.steps, "Sampler": ", ".join(args.samplers), "Schedule type": schedule.label}
+    settings.update({"Seed": args.seed, "Size": "32x32", "Model": "shapes demo", "Version": _version()})
+    text = format_parameters(Parameters("latentrt sampler demo", settings=settings))
+    save_png(_label_grid(rows, scale=3), Path(args.out), text)
     print(f"wrote {args.out}: {len(specs)} samplers x {len(seeds)} seeds, {schedule.name} schedule, {args.steps} steps")
     return 0
 
 
-def _atomic_save(image: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary file and a rename, never half-written."""
-    if path.suffix.lower() != ".png":
-        raise InvalidRequest(f"output must be a .png file, got {path}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+def _version() -> str:
+    return f"latentrt {latentrt.__version__}"
 
 
 def _positive_int(text: str) -> int:

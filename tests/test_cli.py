@@ -37,6 +37,7 @@ def test_demo_writes_a_png(tmp_path: Path) -> None:
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == (130 + 2 * 96, 2 * 96)
+        assert image.info["parameters"].startswith('latentrt sampler demo\nSteps: 20, Sampler: "euler, Euler a"')
     assert not list(tmp_path.glob(".*.tmp"))
 
 
