@@ -5,6 +5,7 @@ Public API only; see README.md for usage.
 
 from __future__ import annotations
 
+from latentrt._version import __version__
 from latentrt.core.errors import (
     CheckpointError,
     ExportError,
@@ -16,8 +17,6 @@ from latentrt.core.errors import (
 from latentrt.core.hookspecs import hookimpl
 from latentrt.core.protocols import Conditioning, StepInfo
 from latentrt.core.registry import Registry, registry
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

@@ -165,7 +165,10 @@ class ModelSampling(Protocol):
 class Denoiser(Protocol):
     """``denoiser(x, sigma, cond) -> x0``; ``sigma`` has shape ``[batch]``."""
 
-    model_sampling: ModelSampling
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """The noise levels the model was trained on."""
+        ...
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning | None) -> Tensor:
         """Estimate the clean latent ``x0`` from ``x = x0 + sigma * eps``."""
@@ -234,8 +237,12 @@ class VAE(Protocol):
     latent_channels: int
     downscale: int
 
-    def encode(self, images: Tensor) -> Tensor:
-        """``[b, 3, H, W]`` images -> ``[b, c, H/d, W/d]`` scaled latents."""
+    def encode(self, images: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+        """``[b, 3, H, W]`` images -> ``[b, c, H/d, W/d]`` scaled latents.
+
+        The posterior mean without ``generator``; a posterior sample drawn from it (one
+        generator per image, as diffusers' ``latent_dist.sample``) with one.
+        """
         ...
 
     def decode(self, latents: Tensor) -> Tensor:
