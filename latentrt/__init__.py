@@ -15,20 +15,27 @@ from latentrt.core.errors import (
     RuntimeUnavailable,
 )
 from latentrt.core.hookspecs import hookimpl
+from latentrt.core.loader import load
+from latentrt.core.pipeline import GenerationResult, Pipeline
 from latentrt.core.protocols import Conditioning, StepInfo
 from latentrt.core.registry import Registry, registry
+from latentrt.core.request import GenerationRequest
 
 __all__ = [
     "CheckpointError",
     "Conditioning",
+    "GenerationRequest",
+    "GenerationResult",
     "ExportError",
     "InvalidRequest",
     "LatentRTError",
+    "Pipeline",
     "PluginError",
     "Registry",
     "RuntimeUnavailable",
     "StepInfo",
     "__version__",
     "hookimpl",
+    "load",
     "registry",
 ]

@@ -24,12 +24,13 @@ from latentrt.core import registry as registry_module
 from latentrt.core.errors import InvalidRequest, PluginError
 from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
-from latentrt.core.registry import Registry, build_registry, reset_registry
+from latentrt.core.registry import BUILTIN_PLUGINS, Registry, build_registry, reset_registry
 from latentrt.plugins.samplers.euler import sample_euler
 from latentrt.testing import GaussianTarget
 
 SAMPLERS_PLUGIN = "latentrt.samplers"
 SCHEDULES_PLUGIN = "latentrt.schedules"
+BUILTIN_NAMES = [name for name, _ in BUILTIN_PLUGINS]
 FAKE_MODULE = "latentrt_fake_entry_point_plugin"
 
 
@@ -97,7 +98,7 @@ def _entry_point(name: str, value: str) -> importlib.metadata.EntryPoint:
 
 
 def test_builtins_registered_under_their_plugin_names(builtins: Registry) -> None:
-    assert builtins.plugins[:2] == [SAMPLERS_PLUGIN, SCHEDULES_PLUGIN]
+    assert builtins.plugins[:3] == [SAMPLERS_PLUGIN, SCHEDULES_PLUGIN, "latentrt.stable_diffusion"]
     assert builtins.sampler("euler").plugin == SAMPLERS_PLUGIN
     assert builtins.sampler("euler_ancestral").plugin == SAMPLERS_PLUGIN
     assert builtins.scheduler("karras").plugin == SCHEDULES_PLUGIN
@@ -298,13 +299,13 @@ def test_invalid_registration_error_names_the_plugin() -> None:
 
 def test_components_register_and_resolve() -> None:
     def register(registry: Registry) -> None:
-        registry.add_model_family("sd15", dict, label="Stable Diffusion 1.5", aliases=("sd1",))
+        registry.add_model_family("toy15", dict, label="Toy Diffusion 1.5", aliases=("toy1",))
         registry.add_exporter("onnx", dict)
         registry.add_runtime("torch", dict, description="eager PyTorch")
 
     reg = build_registry(autoload=False, blocked=(), plugins=[("parts", make_plugin("parts", register))])
-    assert reg.model_family("SD1").name == "sd15"
-    assert reg.model_family("stable diffusion 1.5").plugin == "parts"
+    assert reg.model_family("TOY1").name == "toy15"
+    assert reg.model_family("toy diffusion 1.5").plugin == "parts"
     assert reg.exporter("onnx").factory is dict
     assert reg.runtime("Torch").description == "eager PyTorch"
     assert reg.plugins[-1] == "parts"
@@ -344,7 +345,7 @@ def test_entry_point_plugins_load_under_their_names(fake_entry_points: list[impo
     reg = build_registry()
     assert reg.sampler("FAKE").name == "fake_sampler"
     assert reg.sampler("fake_sampler").plugin == "fake"
-    assert reg.plugins == [SAMPLERS_PLUGIN, SCHEDULES_PLUGIN, "fake"]
+    assert reg.plugins == [*BUILTIN_NAMES, "fake"]
 
 
 def test_entry_point_that_fails_to_import(fake_entry_points: list[importlib.metadata.EntryPoint]) -> None:
@@ -401,7 +402,7 @@ def test_env_disable_autoload(
     monkeypatch.setenv("LATENTRT_DISABLE_PLUGIN_AUTOLOAD", value)
     reg = build_registry()
     assert "fake_sampler" not in reg.samplers
-    assert reg.plugins == [SAMPLERS_PLUGIN, SCHEDULES_PLUGIN]
+    assert reg.plugins == BUILTIN_NAMES
     assert "fake_sampler" in build_registry(autoload=True, blocked=["broken"]).samplers  # argument wins
 
 
@@ -422,7 +423,7 @@ def test_env_block_plugins(
     reg = build_registry()
     assert "fake_sampler" in reg.samplers
     assert dict(reg.schedulers) == {}
-    assert reg.plugins == [SAMPLERS_PLUGIN, "fake"]
+    assert reg.plugins == [SAMPLERS_PLUGIN, "latentrt.stable_diffusion", "fake"]
     monkeypatch.setenv("LATENTRT_BLOCK_PLUGINS", "broken,fake,latentrt.samplers")
     reg = build_registry()
     assert dict(reg.samplers) == {}

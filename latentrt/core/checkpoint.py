@@ -16,27 +16,34 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from latentrt.core.errors import CheckpointError
 
 __all__ = [
     "PICKLE_SUFFIXES",
+    "Checkpoint",
     "PrefixView",
     "SafetensorsFile",
     "TensorFile",
     "TensorSource",
     "TorchPickleFile",
     "check_tensors",
+    "describe",
+    "dtype_of",
+    "load_module",
+    "shape_of",
     "diffusers_component",
     "file_sha256",
     "model_hash",
+    "open_checkpoint",
     "open_tensors",
     "read_json",
 ]
@@ -304,8 +311,23 @@ def _sharded(index_path: Path) -> TensorFile:
     return TensorFile([SafetensorsFile(index_path.parent / shard) for shard in shards], str(index_path.parent))
 
 
+def shape_of(weights: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape, from the file header when ``weights`` is a :class:`TensorSource`."""
+    return weights.shape(key) if isinstance(weights, TensorSource) else tuple(weights[key].shape)
+
+
+def dtype_of(weights: Mapping[str, Tensor], key: str) -> torch.dtype:
+    """A tensor's dtype, from the file header when ``weights`` is a :class:`TensorSource`."""
+    return weights.dtype(key) if isinstance(weights, TensorSource) else weights[key].dtype
+
+
+def describe(weights: Mapping[str, Tensor]) -> str:
+    """Where ``weights`` come from, for error messages."""
+    return weights.description if isinstance(weights, TensorSource) else "state dict"
+
+
 def check_tensors(
-    source: TensorSource,
+    source: Mapping[str, Tensor],
     expected: Mapping[str, tuple[int, ...]],
     what: str,
     *,
@@ -322,9 +344,9 @@ def check_tensors(
     missing = [k for k in expected if k not in source]
     unexpected = [k for k in source if k not in expected and not k.startswith(allowed)]
     misshapen = [
-        f"{k} {source.shape(k)} (expected {expected[k]})"
+        f"{k} {shape_of(source, k)} (expected {expected[k]})"
         for k in expected
-        if k in source and source.shape(k) != tuple(expected[k])
+        if k in source and shape_of(source, k) != tuple(expected[k])
     ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
@@ -332,10 +354,34 @@ def check_tensors(
             more = f" and {len(items) - limit} more" if len(items) > limit else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
     if problems:
-        raise CheckpointError(f"{source.description}: not a valid {what}: {'; '.join(problems)}")
+        raise CheckpointError(f"{describe(source)}: not a valid {what}: {'; '.join(problems)}")
     for key in expected:
-        if not source.dtype(key).is_floating_point:
-            raise CheckpointError(f"{source.description}: {what} tensor {key!r} is {source.dtype(key)}, not a float")
+        if not dtype_of(source, key).is_floating_point:
+            raise CheckpointError(f"{describe(source)}: {what} tensor {key!r} is {dtype_of(source, key)}, not a float")
+
+
+def load_module(
+    build: Callable[[], nn.Module],
+    weights: Mapping[str, Tensor],
+    what: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_unexpected: Iterable[str] = (),
+) -> nn.Module:
+    """Build a module on the meta device and give it ``weights``, strictly and without a second copy.
+
+    Names and shapes are checked first (:func:`check_tensors`), so nothing loads
+    partially; each tensor is then read once and assigned (a memory-mapped tensor that
+    needs no dtype or device change is used as is).
+    """
+    with torch.device("meta"):
+        module = build()
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    check_tensors(weights, expected, what, allow_unexpected=allow_unexpected)
+    state = {name: weights[name].to(device=device, dtype=dtype) for name in expected}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -350,3 +396,40 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def model_hash(path: str | Path) -> str:
     """A1111's short model hash: the first 10 hex digits of the file's SHA-256."""
     return file_sha256(path)[:10]
+
+
+@dataclass
+class Checkpoint:
+    """A model as the user points at it: one tensor file, or a diffusers folder."""
+
+    path: Path
+    tensors: TensorSource | None = None
+    folder: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """What A1111 shows as the model name: the file stem, or the folder name."""
+        return self.path.stem if self.tensors is not None else self.path.name
+
+    def model_index(self) -> dict[str, Any]:
+        """A diffusers folder's ``model_index.json`` (empty for single files)."""
+        return read_json(self.folder / "model_index.json") if self.folder is not None else {}
+
+    def component(self, name: str) -> tuple[TensorSource, dict[str, Any]]:
+        """Weights and config of a diffusers component (``unet``, ``vae``, ``text_encoder``, ...)."""
+        if self.folder is None:
+            raise CheckpointError(f"{self.path}: a single-file checkpoint has no {name}/ component")
+        return diffusers_component(self.folder, name)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a single-file checkpoint (``.safetensors``/``.ckpt``) or a diffusers folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise CheckpointError(
+                f"{path}: a folder without model_index.json is not a diffusers model; point at the "
+                "folder that holds model_index.json, or at a .safetensors file"
+            )
+        return Checkpoint(path=path, folder=path)
+    return Checkpoint(path=path, tensors=open_tensors(path))

@@ -45,6 +45,7 @@ __all__ = [
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("latentrt.samplers", "latentrt.plugins.samplers"),
     ("latentrt.schedules", "latentrt.plugins.schedules"),
+    ("latentrt.stable_diffusion", "latentrt.plugins.stable_diffusion"),
 )
 """(plugin name, module) of the plugins that ship with latentrt."""
 

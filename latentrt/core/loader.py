@@ -1,0 +1,110 @@
+"""``latentrt.load``: a checkpoint path -> the model family that recognises it -> a Pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, cast, runtime_checkable
+
+import torch
+
+from latentrt.core.checkpoint import Checkpoint, open_checkpoint
+from latentrt.core.errors import CheckpointError, InvalidRequest, PluginError
+from latentrt.core.pipeline import Model, Pipeline
+from latentrt.core.registry import Registry, registry
+
+__all__ = ["DTYPES", "ModelFamily", "load", "resolve_device", "resolve_dtype"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"fp16"``/``"bf16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InvalidRequest(f"dtype must be fp32, fp16 or bf16, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or a clear error."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequest(f"unknown device {device!r}; use cpu or cuda") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device cuda was asked for, but no CUDA GPU is available here; use --device cpu")
+    return resolved
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    """What ``registry.add_model_family`` takes: a detector and a loader in one object."""
+
+    def detect(self, checkpoint: Checkpoint) -> bool:
+        """Whether this family loads ``checkpoint``."""
+        ...
+
+    def __call__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        vae: str | Path | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        prediction: str | None,
+    ) -> Model:
+        """Load the checkpoint into a pipeline :class:`Model`."""
+        ...
+
+
+def _families(plugins: Registry) -> list[ModelFamily]:
+    families = []
+    for spec in plugins.model_families.values():
+        if not isinstance(spec.factory, ModelFamily):
+            raise PluginError(f"model family {spec.name!r} of plugin {spec.plugin!r} has no detect(checkpoint)")
+        families.append(spec.factory)
+    return families
+
+
+def _family_for(checkpoint: Checkpoint, plugins: Registry) -> ModelFamily:
+    for family in _families(plugins):
+        if family.detect(checkpoint):
+            return family
+    hints = [h for family in _families(plugins) if (h := _identify(family, checkpoint))]
+    families = ", ".join(plugins.model_families) or "none installed"
+    what = f"it looks like {hints[0]}" if hints else "no known model keys were found (truncated, or not a model)"
+    raise CheckpointError(f"{checkpoint.path}: no model family recognises this checkpoint ({families}); {what}")
+
+
+def _identify(family: ModelFamily, checkpoint: Checkpoint) -> str | None:
+    identify = getattr(family, "identify", None)
+    return None if identify is None else cast(str | None, identify(checkpoint))
+
+
+def load(
+    path: str | Path,
+    *,
+    vae: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    prediction: str | None = None,
+    plugins: Registry | None = None,
+    progress: bool = True,
+) -> Pipeline:
+    """Load a single-file checkpoint or diffusers folder (optionally a separate VAE) into a Pipeline.
+
+    ``prediction`` (``"eps"``/``"v"``) overrides what a sidecar ``.yaml`` or the diffusers
+    scheduler config says; weights alone cannot tell.
+    """
+    if prediction not in (None, "eps", "v"):
+        raise InvalidRequest(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    plugins = plugins or registry()
+    checkpoint = open_checkpoint(path)
+    family = _family_for(checkpoint, plugins)
+    model = family(
+        checkpoint, vae=vae, device=resolve_device(device), dtype=resolve_dtype(dtype), prediction=prediction
+    )
+    return Pipeline(model, plugins, progress=progress)
