@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import latentrt
+from latentrt.cli_generate import add_generate_parser, add_info_parser
 from latentrt.core.errors import LatentRTError
 from latentrt.core.noise import batch_seeds, initial_noise, make_generators, noise_for_sampler
 from latentrt.core.parameters import Parameters, format_parameters, save_png
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=cmd_demo)
+    add_generate_parser(commands, _positive_int)
+    add_info_parser(commands)
     return parser
 
 

@@ -1,0 +1,176 @@
+"""``latentrt generate`` and ``latentrt info``: images from a checkpoint, and their parameters.
+
+``generate --from-png IMAGE.png`` reads the A1111 parameters text of an earlier image
+and regenerates it; options given on the command line override what the PNG says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from latentrt.core.errors import InvalidRequest
+from latentrt.core.loader import load
+from latentrt.core.parameters import parse_parameters, read_png_parameters, save_png
+from latentrt.core.registry import registry
+from latentrt.core.request import GenerationRequest
+
+__all__ = ["add_generate_parser", "add_info_parser", "output_paths"]
+
+logger = logging.getLogger(__name__)
+
+# command-line option -> (request field, A1111 key, converter from the PNG's text)
+_FROM_PNG: dict[str, tuple[str, str, Any]] = {
+    "steps": ("steps", "Steps", int),
+    "cfg": ("cfg_scale", "CFG scale", float),
+    "seed": ("seed", "Seed", int),
+    "clip_skip": ("clip_skip", "Clip skip", int),
+    "strength": ("strength", "Denoising strength", float),
+}
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-1.png``, ``out-2.png``, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(1, count + 1)]
+
+
+def _open_image(path: str | None, what: str) -> Image.Image | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            loaded: Image.Image = image.copy()
+            return loaded
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"{what} {path}: not a readable image ({exc})") from exc
+
+
+def _png_settings(path: str) -> tuple[dict[str, Any], str]:
+    """Request fields from an earlier image's parameters text, and the model name it names."""
+    params = parse_parameters(read_png_parameters(path))
+    fields: dict[str, Any] = {"prompt": params.prompt, "negative_prompt": params.negative_prompt}
+    for field, key, convert in _FROM_PNG.values():
+        if key in params.settings:
+            try:
+                fields[field] = convert(str(params.settings[key]))
+            except ValueError as exc:
+                raise InvalidRequest(f"{path}: cannot read {key}={params.settings[key]!r}") from exc
+    fields.update(
+        _sampler_fields(str(params.settings.get("Sampler", "")), str(params.settings.get("Schedule type", "")))
+    )
+    if "Size" in params.settings:
+        width, _, height = str(params.settings["Size"]).partition("x")
+        fields["width"], fields["height"] = int(width), int(height)
+    return fields, str(params.settings.get("Model", "?"))
+
+
+def _sampler_fields(sampler_label: str, schedule_label: str) -> dict[str, str]:
+    """Sampler and schedule names from A1111 labels, old combined ones ("DPM++ 2M Karras") included."""
+    if not sampler_label:
+        return {}
+    sampler, implied = registry().sampler_and_scheduler(sampler_label)
+    fields = {"sampler": sampler.name}
+    if schedule_label and schedule_label != "Automatic":
+        fields["scheduler"] = registry().scheduler(schedule_label).name
+    elif implied is not None:
+        fields["scheduler"] = implied.name
+    return fields
+
+
+def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if args.from_png:
+        fields, model_name = _png_settings(args.from_png)
+        if args.checkpoint is None:
+            raise InvalidRequest(f"{args.from_png} was made with model {model_name!r}: pass --checkpoint PATH to it")
+        if "strength" in fields and args.init_image is None:
+            logger.warning("%s is an img2img result: pass --init-image to regenerate it exactly", args.from_png)
+    if args.prompt is not None:
+        fields["prompt"] = args.prompt
+    if "prompt" not in fields:
+        raise InvalidRequest("give a PROMPT (or --from-png IMAGE.png)")
+    overrides = {
+        "negative_prompt": args.negative,
+        "sampler": args.sampler,
+        "scheduler": args.scheduler,
+        **{field: getattr(args, option) for option, (field, _, _) in _FROM_PNG.items()},
+        "width": args.width,
+        "height": args.height,
+        "batch_size": args.batch,
+    }
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return fields
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``latentrt generate``: load, generate, save PNGs with their parameters text."""
+    fields = _request_fields(args)
+    for name in ("width", "height"):
+        if fields.get(name) is not None and fields[name] % 8:
+            value = fields[name]
+            raise InvalidRequest(f"--{name} must be a multiple of 8, got {value}; try {max(8, value - value % 8)}")
+    if args.checkpoint is None:
+        raise InvalidRequest("no --checkpoint given: pass the path of a .safetensors file or a diffusers folder")
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise InvalidRequest(f"--output must end in .png, got {output}")
+    if not output.parent.is_dir():
+        raise InvalidRequest(f"--output folder {output.parent} does not exist")
+    init = _open_image(args.init_image, "--init-image")
+    mask = _open_image(args.mask, "--mask")
+    request = GenerationRequest(**fields, init_image=init, mask=mask)
+    request.validate()
+    pipeline = load(args.checkpoint, vae=args.vae, device=args.device, dtype=args.dtype, prediction=args.prediction)
+    result = pipeline.generate(request)
+    for path, image, text in zip(
+        output_paths(output, len(result.images)), result.images, result.parameters, strict=True
+    ):
+        save_png(image, path, text)
+        print(f"wrote {path} (seed {parse_parameters(text).settings.get('Seed')})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``latentrt info IMAGE.png``: print the A1111 parameters text an image carries."""
+    print(read_png_parameters(args.image))
+    return 0
+
+
+def add_generate_parser(commands: Any, positive_int: Any) -> None:
+    """The ``generate`` subcommand and its options (names as in the README)."""
+    gen = commands.add_parser("generate", help="generate images from a checkpoint")
+    gen.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
+    gen.add_argument("--checkpoint", help=".safetensors/.ckpt file or diffusers folder")
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--steps", type=positive_int)
+    gen.add_argument("--cfg", type=float, help="CFG scale (default 7)")
+    gen.add_argument("--sampler", help="sampler name or A1111 label (default euler)")
+    gen.add_argument("--scheduler", help="sigma schedule (default normal)")
+    gen.add_argument("--seed", type=int, help="seed; -1 or unset: random")
+    gen.add_argument("--width", type=positive_int)
+    gen.add_argument("--height", type=positive_int)
+    gen.add_argument("--batch", type=positive_int, help="images per run, seeds seed, seed+1, ...")
+    gen.add_argument("--vae", help="separate VAE file or diffusers vae folder")
+    gen.add_argument("--clip-skip", dest="clip_skip", type=positive_int)
+    gen.add_argument("--init-image", dest="init_image", help="img2img: the starting image")
+    gen.add_argument("--strength", type=float, help="img2img denoising strength (default 0.75)")
+    gen.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
+    gen.add_argument("--prediction", choices=("eps", "v"), help="model prediction type (weights cannot tell)")
+    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.add_argument("--output", default="output.png", help="PNG path; batches get -1, -2, ... suffixes")
+    gen.add_argument("--from-png", dest="from_png", help="regenerate an image from its parameters text")
+    gen.set_defaults(run=cmd_generate)
+
+
+def add_info_parser(commands: Any) -> None:
+    """The ``info`` subcommand."""
+    info = commands.add_parser("info", help="print the generation parameters stored in a PNG")
+    info.add_argument("image")
+    info.set_defaults(run=cmd_info)
