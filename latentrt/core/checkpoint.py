@@ -32,6 +32,7 @@ __all__ = [
     "Checkpoint",
     "PrefixView",
     "SafetensorsFile",
+    "TensorDict",
     "TensorFile",
     "TensorSource",
     "TorchPickleFile",
@@ -87,6 +88,32 @@ class TensorSource(Mapping[str, Tensor]):
     def has_prefix(self, prefix: str) -> bool:
         """Whether any tensor name starts with ``prefix``."""
         return any(key.startswith(prefix) for key in self)
+
+    def name_in_source(self, key: str) -> str:
+        """``key`` as the underlying file spells it (for error messages)."""
+        return key
+
+
+class TensorDict(TensorSource):
+    """Tensors already in memory (renamed or reshaped from a file), keeping the file's description."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], description: str, names: Mapping[str, str] | None = None) -> None:
+        self._tensors = dict(tensors)
+        self.description = description
+        self._names = dict(names or {})
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def name_in_source(self, key: str) -> str:
+        """The file's name for ``key`` when it was renamed."""
+        return self._names.get(key, key)
 
 
 class SafetensorsFile(TensorSource):
@@ -212,6 +239,11 @@ class PrefixView(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         """Dtype of the underlying tensor, without reading data."""
         return self.source.dtype(self.prefix + key)
+
+    def name_in_source(self, key: str) -> str:
+        """The file's name for ``key`` when the source renamed it (the prefix alone is no renaming)."""
+        original = self.source.name_in_source(self.prefix + key)
+        return key if original == self.prefix + key else original
 
 
 class TensorFile(TensorSource):
@@ -341,18 +373,19 @@ def check_tensors(
     name prefixes that may be present and are ignored (EMA copies, ``model_ema.``, ...).
     """
     allowed = tuple(allow_unexpected)
-    missing = [k for k in expected if k not in source]
-    unexpected = [k for k in source if k not in expected and not k.startswith(allowed)]
+    label = _labeller(source)
+    missing = [label(k) for k in expected if k not in source]
+    unexpected = [label(k) for k in source if k not in expected and not k.startswith(allowed)]
     misshapen = [
-        f"{k} {shape_of(source, k)} (expected {expected[k]})"
+        f"{label(k)} {shape_of(source, k)} (expected {tuple(expected[k])})"
         for k in expected
         if k in source and shape_of(source, k) != tuple(expected[k])
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+    for kind, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
         if items:
             more = f" and {len(items) - limit} more" if len(items) > limit else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+            problems.append(f"{len(items)} {kind}: {', '.join(items[:limit])}{more}")
     if problems:
         raise CheckpointError(f"{describe(source)}: not a valid {what}: {'; '.join(problems)}")
     for key in expected:
@@ -360,26 +393,48 @@ def check_tensors(
             raise CheckpointError(f"{describe(source)}: {what} tensor {key!r} is {dtype_of(source, key)}, not a float")
 
 
+def _labeller(source: Mapping[str, Tensor]) -> Callable[[str], str]:
+    """``key``, followed by the file's own name for it in brackets when that differs."""
+    if not isinstance(source, TensorSource):
+        return lambda key: key
+
+    def label(key: str) -> str:
+        original = source.name_in_source(key)
+        return key if original == key else f"{key} [{original}]"
+
+    return label
+
+
+def _own_storage(tensor: Tensor) -> Tensor:
+    """``tensor`` contiguous and in storage of its own: a slice (q of OpenCLIP's stacked
+    ``in_proj_weight``) must not keep the whole stack alive inside a model."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def load_module(
     build: Callable[[], nn.Module],
     weights: Mapping[str, Tensor],
     what: str,
     *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = torch.float32,
     allow_unexpected: Iterable[str] = (),
 ) -> nn.Module:
     """Build a module on the meta device and give it ``weights``, strictly and without a second copy.
 
     Names and shapes are checked first (:func:`check_tensors`), so nothing loads
-    partially; each tensor is then read once and assigned (a memory-mapped tensor that
-    needs no dtype or device change is used as is).
+    partially; each tensor is then read once, in the source's order, and assigned (a
+    memory-mapped tensor that needs no dtype or device change is used as is).
+    ``dtype=None`` / ``device=None`` keep the stored dtypes / devices.
     """
     with torch.device("meta"):
         module = build()
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     check_tensors(weights, expected, what, allow_unexpected=allow_unexpected)
-    state = {name: weights[name].to(device=device, dtype=dtype) for name in expected}
+    state = {name: _own_storage(weights[name].to(device=device, dtype=dtype)) for name in weights if name in expected}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from latentrt.core.checkpoint import load_module, shape_of
 from latentrt.core.errors import CheckpointError, InvalidRequest
-from latentrt.plugins.stable_diffusion.keys.clip import check_weights, shape_of
 
 __all__ = [
     "CLIP_VIT_L",
@@ -284,13 +284,6 @@ class CLIPTextTransformer(nn.Module):
         return projected
 
 
-def expected_shapes(config: CLIPTextConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter name of a model with ``config`` and its shape (built on ``meta``, no memory)."""
-    with torch.device("meta"):
-        model = CLIPTextTransformer(config)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
 def load_clip_text(
     weights: Mapping[str, Tensor],
     activation: Activation,
@@ -307,20 +300,7 @@ def load_clip_text(
     misshapen tensor is a :class:`CheckpointError`; nothing loads partially. Each tensor is
     read once and moved straight into the model (``assign``), without a second copy.
     """
-    config = config or CLIPTextConfig.from_state_dict(weights, activation)
-    check_weights(weights, expected_shapes(config), what)
-    with torch.device("meta"):
-        model = CLIPTextTransformer(config)
-    # In the source's order, so a view over a stacked q/k/v tensor reads it once.
-    tensors = {name: _compact(weights[name].to(device=device, dtype=dtype)) for name in weights}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _compact(tensor: Tensor) -> Tensor:
-    """``tensor``, contiguous and in storage of its own: a slice (q of OpenCLIP's stacked
-    ``in_proj_weight``) must not keep the whole stack alive inside the model."""
-    tensor = tensor.contiguous()
-    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
-        return tensor.clone()
-    return tensor
+    built = config or CLIPTextConfig.from_state_dict(weights, activation)
+    model = load_module(lambda: CLIPTextTransformer(built), weights, what, device=device, dtype=dtype)
+    assert isinstance(model, CLIPTextTransformer)
+    return model

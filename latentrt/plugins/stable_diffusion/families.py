@@ -82,10 +82,6 @@ def _detect_folder(checkpoint: Checkpoint) -> FamilyName | None:
     return {768: "sd1", 1024: "sd2"}.get(int(unet_config.get("cross_attention_dim", 0)))  # type: ignore[return-value]
 
 
-def _is_inpainting(unet: Mapping[str, Tensor]) -> bool:
-    return shape_of(unet, "input_blocks.0.0.weight")[1] == 9
-
-
 def read_prediction(checkpoint: Checkpoint) -> Prediction | None:
     """eps or v from a sidecar ``.yaml`` or the diffusers scheduler config; None when unknown."""
     if checkpoint.folder is not None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from latentrt.core.checkpoint import load_module
 from latentrt.core.errors import CheckpointError, InvalidRequest
 from latentrt.plugins.stable_diffusion.keys.vae import to_ldm_vae
 
@@ -204,7 +204,6 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
         # files converted from diffusers may store these as linear [out, in] weights; the
         # public register_load_state_dict_pre_hook needs torch >= 2.5, this form works from 1.x
-        self._register_load_state_dict_pre_hook(_linear_to_conv1x1, with_module=True)  # type: ignore[no-untyped-call]
 
     def forward(self, x: Tensor) -> Tensor:
         """``x + proj_out(softmax(q k^T / sqrt(c)) v)`` with tokens = pixels."""
@@ -215,15 +214,6 @@ class AttnBlock(nn.Module):
         out = out.transpose(-1, -2).reshape(b, c, height, width)
         projected: Tensor = self.proj_out(out)
         return x + projected
-
-
-def _linear_to_conv1x1(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
-    """Load-time hook: reshape ``[out, in]`` (or conv1d ``[out, in, 1]``) weights to ``[out, in, 1, 1]``."""
-    for name in ("q", "k", "v", "proj_out"):
-        key = f"{prefix}{name}.weight"
-        tensor = state_dict.get(key)
-        if tensor is not None and tensor.ndim in (2, 3):
-            state_dict[key] = tensor.reshape(tensor.shape[0], tensor.shape[1], 1, 1)
 
 
 class Downsample(nn.Module):
@@ -379,11 +369,9 @@ class AutoencoderKL(nn.Module):
         """
         sd = to_ldm_vae(state_dict)
         config = VAEConfig.from_state_dict(sd, scaling_factor=scaling_factor, shift_factor=shift_factor)
-        with torch.device("meta"):
-            model = cls(config, tiling=tiling)
-        _check_keys(model.state_dict(), sd)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        model = load_module(lambda: cls(config, tiling=tiling), sd, "VAE", device=device, dtype=dtype)
+        assert isinstance(model, AutoencoderKL)
+        return model
 
     def posterior(self, images: Tensor, *, tiling: Tiling | None = None) -> LatentDistribution:
         """q(z|x) for ``[b, 3, H, W]`` images in ``[-1, 1]`` (H, W multiples of ``downscale``)."""
@@ -436,37 +424,6 @@ class AutoencoderKL(nn.Module):
             raise InvalidRequest(f"VAE decode expects latents [batch, {c}, height, width], got {list(latents.shape)}")
         ref = self._reference()
         return latents.to(device=ref.device, dtype=ref.dtype)
-
-
-def _check_keys(expected: Mapping[str, Tensor], sd: Mapping[str, Tensor]) -> None:
-    """Raise :class:`CheckpointError` naming the first missing, unexpected and misshapen keys."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshapen = [
-        f"{k} {list(sd[k].shape)} (expected {list(t.shape)})"
-        for k, t in expected.items()
-        if k in sd and not _shape_fits(k, sd[k], t)
-    ]
-    not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
-    problems = [
-        f"{len(keys)} {what}, first: {keys[:_SHOWN]}"
-        for what, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("misshapen", misshapen),
-            ("not floating point", not_float),
-        )
-        if keys
-    ]
-    if problems:
-        raise CheckpointError("VAE state dict does not match AutoencoderKL: " + "; ".join(problems))
-
-
-def _shape_fits(key: str, got: Tensor, want: Tensor) -> bool:
-    """Equal shapes, or a linear attention weight the load hook reshapes to a 1x1 conv."""
-    if got.shape == want.shape:
-        return True
-    return ".attn_1." in key and key.endswith(".weight") and got.ndim in (2, 3) and got.numel() == want.numel()
 
 
 def _fits(x: Tensor, tiling: Tiling, scale: int) -> bool:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from latentrt.core.checkpoint import TensorSource
+from latentrt.core.checkpoint import TensorSource, dtype_of, shape_of
 from latentrt.core.errors import CheckpointError
 
 __all__ = [
@@ -49,13 +49,11 @@ __all__ = [
     "SDXL_CLIP_L_PREFIX",
     "ClipWeights",
     "Origin",
-    "check_weights",
     "from_openclip",
     "from_transformers",
     "sd1_text_weights",
     "sd2_text_weights",
     "sdxl_text_weights",
-    "shape_of",
 ]
 
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
@@ -86,19 +84,6 @@ _OPENCLIP_BLOCK = {
 }
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(?P<n>\d+)\.(?P<member>.+)\.(?P<p>weight|bias)")
 _IN_PROJ = re.compile(r"transformer\.resblocks\.(?P<n>\d+)\.attn\.in_proj_(?P<p>weight|bias)")
-
-
-def shape_of(weights: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
-    """Shape of ``weights[key]``, from the file header when ``weights`` can tell without reading."""
-    if isinstance(weights, TensorSource):
-        return weights.shape(key)
-    return tuple(weights[key].shape)
-
-
-def _dtype_of(weights: Mapping[str, Tensor], key: str) -> torch.dtype:
-    if isinstance(weights, TensorSource):
-        return weights.dtype(key)
-    return weights[key].dtype
 
 
 @dataclass(frozen=True)
@@ -157,7 +142,7 @@ class ClipWeights(TensorSource):
 
     def dtype(self, key: str) -> torch.dtype:
         """Dtype of the source tensor (no data read)."""
-        return _dtype_of(self.source, self.origins[key].key)
+        return dtype_of(self.source, self.origins[key].key)
 
     def name_in_source(self, key: str) -> str:
         """``key`` as the source spells it (for error messages)."""
@@ -201,7 +186,7 @@ def _openclip_name(name: str) -> str:
     match = _RESBLOCK.fullmatch(name)
     if match and match["member"] in _OPENCLIP_BLOCK:
         return f"encoder.layers.{match['n']}.{_OPENCLIP_BLOCK[match['member']]}.{match['p']}"
-    return name  # reported as unexpected by check_weights
+    return name  # reported as unexpected by check_tensors
 
 
 def _openclip_layers(names: list[str]) -> int:
@@ -260,37 +245,3 @@ def sd2_text_weights(checkpoint: Mapping[str, Tensor]) -> ClipWeights:
 def sdxl_text_weights(checkpoint: Mapping[str, Tensor]) -> tuple[ClipWeights, ClipWeights]:
     """SDXL's two encoders: CLIP ViT-L/14 (quick_gelu) and OpenCLIP bigG (gelu, with projection)."""
     return from_transformers(checkpoint, SDXL_CLIP_L_PREFIX), from_openclip(checkpoint, OPENCLIP_SDXL_PREFIX)
-
-
-def _label(weights: Mapping[str, Tensor], key: str) -> str:
-    """``key``, followed by its name in the source file when that differs."""
-    source = weights.name_in_source(key) if isinstance(weights, ClipWeights) else key
-    return key if source == key else f"{key} [{source}]"
-
-
-def _listed(label: str, items: list[str]) -> str:
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return f"{len(items)} {label}: {', '.join(items[:_SHOWN])}{more}"
-
-
-def check_weights(weights: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
-    """Refuse ``weights`` unless it holds exactly ``expected``'s names and shapes, as floats.
-
-    The message names the first missing, unexpected and misshapen tensors, in our names
-    and, in brackets, the file's own, with the shapes expected.
-    """
-    missing = [_label(weights, k) for k in expected if k not in weights]
-    unexpected = [_label(weights, k) for k in weights if k not in expected]
-    misshapen = [
-        f"{_label(weights, k)} {shape_of(weights, k)} (expected {tuple(expected[k])})"
-        for k in expected
-        if k in weights and shape_of(weights, k) != tuple(expected[k])
-    ]
-    found = (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
-    problems = [_listed(label, items) for label, items in found if items]
-    where = getattr(weights, "description", "state dict")
-    if problems:
-        raise CheckpointError(f"{where}: not a valid {what}: {'; '.join(problems)}")
-    for key in expected:
-        if not _dtype_of(weights, key).is_floating_point:
-            raise CheckpointError(f"{where}: {what} tensor {key!r} is {_dtype_of(weights, key)}, not a float")

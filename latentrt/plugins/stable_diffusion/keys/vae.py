@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
+from latentrt.core.checkpoint import TensorDict, TensorSource, describe
 from latentrt.core.errors import CheckpointError
 
 __all__ = [
@@ -112,16 +113,18 @@ _LINEAR_ATTENTION = re.compile(r"\.mid\.attn_1\.(?:q|k|v|proj_out)\.weight$")
 _DIFFUSERS_MARKERS = (".down_blocks.", ".up_blocks.", ".mid_block.", ".conv_norm_out.")
 
 
-def strip_vae_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_vae_prefix(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """The VAE part of ``state_dict`` with its ``first_stage_model.`` / ``vae.`` prefix removed.
 
-    A dict without either prefix is taken to be a standalone VAE file and returned as is
-    (a shallow copy); keys outside the VAE prefix (UNet, text encoders) are dropped.
+    A dict without either prefix is taken to be a standalone VAE file and returned as is;
+    keys outside the VAE prefix (UNet, text encoders) are dropped without being read.
     """
     for prefix in VAE_PREFIXES:
         if any(key.startswith(prefix) for key in state_dict):
-            return {key[len(prefix) :]: t for key, t in state_dict.items() if key.startswith(prefix)}
-    return dict(state_dict)
+            if isinstance(state_dict, TensorSource):
+                return state_dict.with_prefix(prefix)
+            return {key[len(prefix) :]: state_dict[key] for key in state_dict if key.startswith(prefix)}
+    return state_dict
 
 
 def is_diffusers_vae(state_dict: Mapping[str, Tensor]) -> bool:
@@ -145,7 +148,7 @@ def _ldm_name(key: str, levels: int) -> str | None:
 
 def _as_conv1x1(key: str, tensor: Tensor) -> Tensor:
     """Reshape a linear attention weight ``[out, in]`` to the LDM 1x1 conv ``[out, in, 1, 1]``."""
-    if _LINEAR_ATTENTION.search(key) and tensor.ndim < 4:
+    if _LINEAR_ATTENTION.search("." + key) and tensor.ndim < 4:
         return tensor.reshape(tensor.shape[0], -1, 1, 1)
     return tensor
 
@@ -177,9 +180,17 @@ def diffusers_to_ldm_vae(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return converted
 
 
-def to_ldm_vae(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Any supported VAE layout (prefixed, standalone, diffusers) -> unprefixed LDM names."""
+def to_ldm_vae(state_dict: Mapping[str, Tensor]) -> TensorDict:
+    """Any supported VAE layout (prefixed, standalone, diffusers) -> unprefixed LDM names.
+
+    Linear (2-D) mid-block attention weights, as diffusers and files converted from it
+    store them, become the LDM 1x1 conv weights (a view). The result keeps the file's
+    description for error messages.
+    """
     stripped = strip_vae_prefix(state_dict)
+    where = describe(state_dict)
     if not stripped:
-        raise CheckpointError("the state dict holds no VAE tensors (no encoder.* / decoder.* keys)")
-    return diffusers_to_ldm_vae(stripped) if is_diffusers_vae(stripped) else stripped
+        raise CheckpointError(f"{where}: holds no VAE tensors (no encoder.* / decoder.* keys)")
+    if is_diffusers_vae(stripped):
+        return TensorDict(diffusers_to_ldm_vae(stripped), f"{where} (diffusers VAE layout)")
+    return TensorDict({key: _as_conv1x1(key, stripped[key]) for key in stripped}, where)
