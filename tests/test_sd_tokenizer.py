@@ -268,3 +268,19 @@ def test_bad_files_name_the_file(
 def test_vocabulary_without_byte_symbols_is_refused() -> None:
     with pytest.raises(CheckpointError, match="byte symbols"):
         CLIPTokenizer({"<|startoftext|>": 0, "<|endoftext|>": 1}, [], source="tiny")
+
+
+def test_from_folder_reads_a_fast_tokenizer_json(tmp_path: Path) -> None:
+    """transformers 5 saves only ``tokenizer.json``; a folder with just that loads the same ids."""
+    from sd_fixtures import write_clip_tokenizer_files
+
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(tmp_path / "files")))
+    saved = tmp_path / "saved"
+    reference.save_pretrained(str(saved))
+    for name in ("vocab.json", "merges.txt"):
+        (saved / name).unlink(missing_ok=True)
+    assert (saved / "tokenizer.json").exists()
+    ours = CLIPTokenizer.from_folder(saved)
+    for text in ("a photo of a cat", "Hello, world! (masterpiece:1.2) 日本語"):
+        assert [ours.bos_id, *ours.encode(text), ours.eos_id] == reference(text)["input_ids"]

@@ -181,11 +181,17 @@ class CLIPTokenizer:
     def from_folder(cls, folder: str | Path, *, pad_id: int | None = None) -> CLIPTokenizer:
         """A diffusers ``tokenizer/`` folder's tokenizer; its pad token when ``pad_id`` is None.
 
-        The pad token is read from ``special_tokens_map.json`` or ``tokenizer_config.json``
+        Reads ``vocab.json`` + ``merges.txt``, or a fast tokenizer's ``tokenizer.json`` (BPE
+        model) when those are absent. The pad token is read from ``special_tokens_map.json``
+        or ``tokenizer_config.json``
         (SD2 folders say ``!``); without either the end token pads, as in CLIP-L.
         """
         directory = Path(folder)
-        tokenizer = cls.from_files(directory / "vocab.json", directory / "merges.txt", pad_id=pad_id)
+        if not (directory / "vocab.json").exists() and (directory / "tokenizer.json").exists():
+            vocab, merges = _read_tokenizer_json(directory / "tokenizer.json")
+            tokenizer = cls(vocab, merges, pad_id=pad_id, source=str(directory / "tokenizer.json"))
+        else:
+            tokenizer = cls.from_files(directory / "vocab.json", directory / "merges.txt", pad_id=pad_id)
         if pad_id is None:
             pad_token = _configured_pad_token(directory)
             if pad_token is not None:
@@ -311,6 +317,23 @@ def _read_vocab_json(path: Path) -> dict[str, int]:
     if not all(isinstance(k, str) and isinstance(v, int) for k, v in data.items()):
         raise CheckpointError(f"{path}: expected a JSON object of token -> integer id")
     return data
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a Hugging Face fast tokenizer file (``model.type == "BPE"``).
+
+    Merges are stored as ``"a b"`` strings (older files) or ``["a", "b"]`` pairs (newer).
+    """
+    model = read_json(path).get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise CheckpointError(f"{path}: not a BPE tokenizer (model.type is not 'BPE')")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise CheckpointError(f"{path}: model.vocab is not a token -> id object")
+    if not isinstance(merges, list):
+        raise CheckpointError(f"{path}: model.merges is not a list")
+    lines = [" ".join(m) if isinstance(m, list) else str(m) for m in merges]
+    return vocab, _parse_merge_lines(lines, str(path), first_line=1)
 
 
 def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
