@@ -31,6 +31,7 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/sampler_overhead.py
+	cd benchmarks && ../$(PY) load_memory.py
 
 lint: install
 	$(PY) -m ruff check latentrt tests examples benchmarks

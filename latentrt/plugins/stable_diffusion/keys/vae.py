@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
-from latentrt.core.checkpoint import TensorDict, TensorSource, describe
+from latentrt.core.checkpoint import TensorDict, describe
 from latentrt.core.errors import CheckpointError
 
 __all__ = [
@@ -110,6 +110,8 @@ _RULES: tuple[tuple[re.Pattern[str], _Rule], ...] = tuple(
 )
 
 _LINEAR_ATTENTION = re.compile(r"\.mid\.attn_1\.(?:q|k|v|proj_out)\.weight$")
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+"""What an autoencoder holds; full training checkpoints also keep ``first_stage_model.loss.*``."""
 _DIFFUSERS_MARKERS = (".down_blocks.", ".up_blocks.", ".mid_block.", ".conv_norm_out.")
 
 
@@ -117,13 +119,12 @@ def strip_vae_prefix(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """The VAE part of ``state_dict`` with its ``first_stage_model.`` / ``vae.`` prefix removed.
 
     A dict without either prefix is taken to be a standalone VAE file and returned as is;
-    keys outside the VAE prefix (UNet, text encoders) are dropped without being read.
+    other components' tensors, and a training checkpoint's ``loss.*``, are never read.
     """
     for prefix in VAE_PREFIXES:
         if any(key.startswith(prefix) for key in state_dict):
-            if isinstance(state_dict, TensorSource):
-                return state_dict.with_prefix(prefix)
-            return {key[len(prefix) :]: state_dict[key] for key in state_dict if key.startswith(prefix)}
+            names = [key for key in state_dict if key.startswith(prefix) and key[len(prefix) :].startswith(_VAE_PARTS)]
+            return {key[len(prefix) :]: state_dict[key] for key in names}
     return state_dict
 
 
