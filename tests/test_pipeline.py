@@ -177,3 +177,31 @@ def test_bad_requests_are_refused_before_any_work(options: dict[str, object], me
         pipe(**request)  # type: ignore[arg-type]
     assert "LatentRTError" in [c.__name__ for c in type(info.value).__mro__]
     assert encoder.batches == []
+
+
+def test_one_pipeline_serves_many_threads() -> None:
+    """No per-request state: requests run concurrently from 4 threads equal the same requests run alone."""
+    pipe, _ = make_pipeline()
+    requests = [
+        {"prompt": p, "seed": s, "steps": 6, "sampler": sampler}
+        for p, s, sampler in [
+            ("a cat", 1, "euler"),
+            ("a dog!", 2, "dpmpp_2m_sde"),
+            ("x", 3, "Euler a"),
+            ("yy", 4, "heun"),
+        ]
+    ]
+    alone = [pipe(**r).latents for r in requests]  # type: ignore[arg-type]
+    results: dict[int, Tensor] = {}
+
+    def run(k: int) -> None:
+        for _ in range(3):
+            results[k] = pipe(**requests[k]).latents  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, expected in enumerate(alone):
+        assert torch.equal(results[k], expected)
