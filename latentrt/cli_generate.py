@@ -157,6 +157,7 @@ def add_generate_parser(commands: Any, positive_int: Any) -> None:
     gen.add_argument("--height", type=positive_int)
     gen.add_argument("--batch", type=positive_int, help="images per run, seeds seed, seed+1, ...")
     gen.add_argument("--vae", help="separate VAE file or diffusers vae folder")
+    gen.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="tiled VAE for large images")
     gen.add_argument("--clip-skip", dest="clip_skip", type=positive_int)
     gen.add_argument("--init-image", dest="init_image", help="img2img: the starting image")
     gen.add_argument("--strength", type=float, help="img2img denoising strength (default 0.75)")

@@ -104,3 +104,17 @@ def test_missing_checkpoint_and_png_without_parameters(tmp_path: Path, capsys: p
     assert "has no 'parameters' text" in capsys.readouterr().err
     assert main(["generate", "--from-png", str(plain)]) == 2
     assert "has no 'parameters' text" in capsys.readouterr().err
+
+
+def test_vae_tiling_flag(tiny: TinySD, tmp_path: Path) -> None:
+    """--vae-tiling switches the VAE to tiles; an image within one tile decodes identically."""
+    plain, tiled = tmp_path / "plain.png", tmp_path / "tiled.png"
+    argv = ["generate", "a cat", "--checkpoint", str(tiny.single_file), *FAST, "--seed", "5"]
+    assert main([*argv, "--output", str(plain)]) == 0
+    assert main([*argv, "--vae-tiling", "--output", str(tiled)]) == 0
+    with Image.open(plain) as a, Image.open(tiled) as b:
+        assert a.tobytes() == b.tobytes()
+    import latentrt
+
+    assert latentrt.load(tiny.single_file, vae_tiling=True).model.vae.tiling is not None  # type: ignore[attr-defined]
+    assert latentrt.load(tiny.single_file).model.vae.tiling is None  # type: ignore[attr-defined]

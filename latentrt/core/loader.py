@@ -55,6 +55,7 @@ class ModelFamily(Protocol):
         device: torch.device,
         dtype: torch.dtype,
         prediction: str | None,
+        vae_tiling: bool,
     ) -> Model:
         """Load the checkpoint into a pipeline :class:`Model`."""
         ...
@@ -91,13 +92,15 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "fp32",
     prediction: str | None = None,
+    vae_tiling: bool = False,
     plugins: Registry | None = None,
     progress: bool = True,
 ) -> Pipeline:
     """Load a single-file checkpoint or diffusers folder (optionally a separate VAE) into a Pipeline.
 
     ``prediction`` (``"eps"``/``"v"``) overrides what a sidecar ``.yaml`` or the diffusers
-    scheduler config says; weights alone cannot tell.
+    scheduler config says; weights alone cannot tell. ``vae_tiling`` encodes and decodes
+    in overlapping tiles, for images too large for memory in one piece.
     """
     if prediction not in (None, "eps", "v"):
         raise InvalidRequest(f"prediction must be 'eps' or 'v', got {prediction!r}")
@@ -105,6 +108,11 @@ def load(
     checkpoint = open_checkpoint(path)
     family = _family_for(checkpoint, plugins)
     model = family(
-        checkpoint, vae=vae, device=resolve_device(device), dtype=resolve_dtype(dtype), prediction=prediction
+        checkpoint,
+        vae=vae,
+        device=resolve_device(device),
+        dtype=resolve_dtype(dtype),
+        prediction=prediction,
+        vae_tiling=vae_tiling,
     )
     return Pipeline(model, plugins, progress=progress)

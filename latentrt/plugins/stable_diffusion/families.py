@@ -45,7 +45,7 @@ from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 from latentrt.plugins.stable_diffusion.text import SDTextEncoder
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 from latentrt.plugins.stable_diffusion.unet import UNet, UNetConfig
-from latentrt.plugins.stable_diffusion.vae import SD_SCALING_FACTOR, AutoencoderKL
+from latentrt.plugins.stable_diffusion.vae import SD_SCALING_FACTOR, AutoencoderKL, Tiling
 
 __all__ = ["SD1", "SD2", "SDFamily", "UNetBackbone", "detect_family"]
 
@@ -144,13 +144,19 @@ class SDFamily:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         prediction: Prediction | None = None,
+        vae_tiling: bool = False,
     ) -> Model:
-        """Load the text encoder, UNet and VAE (optionally a separate VAE file) into a ``Model``."""
+        """Load the text encoder, UNet and VAE (optionally a separate VAE file) into a ``Model``.
+
+        ``vae_tiling`` makes the VAE encode and decode in overlapping 512-pixel tiles
+        (seamlessly blended), for images too large to decode at once.
+        """
         device = torch.device(device)
         unet_weights, text_model, tokenizer, vae_weights = self._components(checkpoint, device, dtype)
         config = UNetConfig.from_state_dict(unet_weights, heads=self.heads)
         unet = load_module(lambda: UNet(config), unet_weights, f"{self.label} UNet", device=device, dtype=dtype)
         autoencoder, vae_name, vae_hash = self._vae(vae, vae_weights, device, dtype)
+        autoencoder.tiling = Tiling() if vae_tiling else None
         chosen = prediction or read_prediction(checkpoint) or "eps"
         logger.info("loaded %s (%s, %s prediction) on %s in %s", checkpoint.name, self.label, chosen, device, dtype)
         return Model(
