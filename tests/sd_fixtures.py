@@ -5,7 +5,8 @@ The networks honour the SD1 conventions a single file does not store (REFERENCE.
 features with quick_gelu. The context width is 768, so SD1 detection sees a CLIP-L UNet;
 the text model has CLIP's 49408-token vocabulary so the shipped tokenizer works. Every
 parameter is re-drawn so no layer is a near-identity or zero, then the output layers are
-scaled so the pipeline's images use the whole pixel range without saturating.
+scaled so the pipeline's images spread over most of the pixel range (about 20..250, std ~23)
+without clipping.
 
 Sizes: the VAE has four levels (downscale 8, as SD's), so any multiple of 8 works; the
 UNet has two levels, the first with cross-attention and two res blocks (SD1 detection reads
@@ -21,6 +22,7 @@ cached :class:`TinySD` afterwards; ``build_tiny_sd1(path, ...)`` always builds.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -38,6 +40,8 @@ from torch import Tensor, nn
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 
 __all__ = [
+    "SCHEDULER_CONFIG",
+    "TEXT_CONFIG",
     "UNET_CONFIG",
     "VAE_CONFIG",
     "TinySD",
@@ -46,6 +50,8 @@ __all__ = [
     "ldm_single_file_state",
     "randomize",
     "tiny_sd1",
+    "tiny_text_encoder",
+    "tiny_unet",
     "tiny_vae",
     "write_clip_tokenizer_files",
 ]
@@ -105,7 +111,7 @@ class TinySD:
     """One tiny SD1 model in both layouts, and the diffusers components it was written from."""
 
     folder: Path
-    """A diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+    """A diffusers folder: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``..."""
     single_file: Path
     """The same weights as one LDM ``.safetensors`` (fp32)."""
     unet: Any
@@ -118,14 +124,17 @@ class TinySD:
         """A fresh diffusers scheduler from the folder's config (``euler`` or ``euler_ancestral``)."""
         import diffusers
 
-        classes = {"euler": diffusers.EulerDiscreteScheduler, "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler}
+        classes = {
+            "euler": diffusers.EulerDiscreteScheduler,
+            "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
+        }
         return classes[kind].from_config({**SCHEDULER_CONFIG, **overrides})
 
     def pipeline(self, kind: str = "txt2img", scheduler: Any = None) -> Any:
         """A diffusers pipeline (``txt2img``, ``img2img``, ``inpaint``) over the in-memory components."""
         import diffusers
 
-        classes = {
+        classes: dict[str, Any] = {
             "txt2img": diffusers.StableDiffusionPipeline,
             "img2img": diffusers.StableDiffusionImg2ImgPipeline,
             "inpaint": diffusers.StableDiffusionInpaintPipeline,
@@ -182,7 +191,7 @@ def tiny_unet(seed: int, *, inpainting: bool = False) -> Any:
     config = {**UNET_CONFIG, "in_channels": 9 if inpainting else 4}
     unet = _materialize(lambda: cast(Any, diffusers.UNet2DConditionModel)(**config)).eval()
     randomize(unet, seed)
-    # eps predictions of roughly unit scale, so sampling ends near the VAE's latent scale
+    # smaller eps predictions keep the final latents (std ~16) where the tiny decoder does not clip
     _scale_output(unet.conv_out, 0.5)
     return unet.requires_grad_(False)
 
@@ -197,8 +206,12 @@ def tiny_vae(seed: int) -> Any:
     return vae.requires_grad_(False)
 
 
+@functools.cache
 def tiny_text_encoder(seed: int) -> Any:
-    """A random two-layer CLIP-L-width ``CLIPTextModel`` (quick_gelu, 12 heads of 64)."""
+    """A random two-layer CLIP-L-width ``CLIPTextModel`` (quick_gelu, 12 heads of 64).
+
+    Cached: the 49408 x 768 token embedding is 150 MB, shared by the models built with one seed.
+    """
     import transformers
 
     config = transformers.CLIPTextConfig(**TEXT_CONFIG)
@@ -220,7 +233,9 @@ def _gpt2_byte_symbols() -> list[str]:
 
 def write_clip_tokenizer_files(folder: Path) -> Path:
     """``vocab.json`` + ``merges.txt`` derived from the shipped BPE file, as CLIP's SimpleTokenizer builds them."""
-    data = resources.files("latentrt.plugins.stable_diffusion").joinpath("data").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    data = (
+        resources.files("latentrt.plugins.stable_diffusion").joinpath("data").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    )
     lines = gzip.decompress(data.read_bytes()).decode("utf-8").split("\n")
     merges = [line.split() for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = _gpt2_byte_symbols()
@@ -238,7 +253,9 @@ def _hf_tokenizer(files: Path) -> Any:
 
     # from_pretrained reads vocab.json + merges.txt in transformers 4 and 5 alike (5 renamed the
     # constructor's vocab_file/merges_file to vocab/merges and ignores the old names)
-    return transformers.CLIPTokenizer.from_pretrained(str(files), pad_token="<|endoftext|>")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(files), pad_token="<|endoftext|>")
+    tokenizer.model_max_length = 77  # diffusers pads and truncates prompts to this; unset, it is 1e30
+    return tokenizer
 
 
 # --- the LDM single-file layout -------------------------------------------------------------
@@ -263,7 +280,9 @@ def diffusers_to_ldm_vae_reference(state: dict[str, Tensor], levels: int) -> dic
             r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", name
         )
         name = re.sub(
-            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", name
+            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.",
+            name,
         )
         name = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", name)
         if (m := re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", name)) is not None:
@@ -307,12 +326,12 @@ def build_tiny_sd1(tmp_path: Path, *, inpainting: bool = False, seed: int = 0) -
     text_encoder = tiny_text_encoder(seed + 2)
     tokenizer = _hf_tokenizer(write_clip_tokenizer_files(tmp_path / "tokenizer-files"))
     folder = tmp_path / ("tiny-sd1-inpainting" if inpainting else "tiny-sd1")
-    pipeline = diffusers.StableDiffusionPipeline(
+    pipeline = cast(Any, diffusers.StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=diffusers.EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+        scheduler=cast(Any, diffusers.EulerDiscreteScheduler).from_config(SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -144,12 +144,17 @@ def _nonfinite_message(images: Tensor, latents: Tensor) -> str:
 class _Inpaint:
     """Latent blending for ordinary (4-channel) models: outside the mask, the model sees the
     init latent noised to the current sigma and predicts it exactly (ComfyUI's KSamplerX0Inpaint;
-    for deterministic samplers identical to diffusers' blend after each step)."""
+    for deterministic samplers identical to diffusers' blend after each step).
+
+    At strength 1 diffusers starts from pure noise everywhere and blends only after the first
+    step: ``unblended_from`` (the first sigma) keeps calls at or above it unblended.
+    """
 
     inner: Denoiser
     latent: Tensor
     noise: Tensor
     keep: Tensor  # 1 where the init image is kept
+    unblended_from: float | None = None
 
     @property
     def model_sampling(self) -> ModelSampling:
@@ -158,8 +163,12 @@ class _Inpaint:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning | None) -> Tensor:
         """Blend the input with the noised init latent, and the output with the init latent."""
-        s = sigma.view(-1, *([1] * (x.ndim - 1))).to(x)
-        x_in = x * (1 - self.keep) + (self.latent + s * self.noise) * self.keep
+        dims = (-1, *([1] * (x.ndim - 1)))
+        s = sigma.view(dims).to(x)
+        keep = self.keep
+        if self.unblended_from is not None:  # compared in float32: fp16 could round the first sigma down
+            keep = keep * (sigma.float() < self.unblended_from).view(dims).to(x)
+        x_in = x * (1 - keep) + (self.latent + s * self.noise) * keep
         return self.inner(x_in, sigma, cond) * (1 - self.keep) + self.latent * self.keep
 
 
@@ -253,7 +262,8 @@ class Pipeline:
         needs_latent = request.init_image is not None and not (inpaint and model.inpainting and request.strength >= 1)
         latent = self._encode(request, generators, w, h) if needs_latent else None
         noise = initial_noise(shape, generators, device=model.device, dtype=model.dtype)
-        x = noise * sigmas[0] if latent is None else latent + noise * sigmas[0]
+        from_noise = inpaint and request.strength >= 1  # diffusers' inpainting at strength 1 starts from pure noise
+        x = noise * sigmas[0] if latent is None or from_noise else latent + noise * sigmas[0]
         extra: dict[str, Tensor] = {}
         keep: Tensor | None = None
         if inpaint:
@@ -269,7 +279,7 @@ class Pipeline:
                 keep = 1 - small
         denoiser = self._guided(request, w, h, extra)
         if keep is not None and latent is not None:
-            denoiser = _Inpaint(denoiser, latent, noise, keep)
+            denoiser = _Inpaint(denoiser, latent, noise, keep, float(sigmas[0]) if from_noise else None)
         return x, denoiser
 
     def _guided(self, request: GenerationRequest, w: int, h: int, extra: dict[str, Tensor]) -> Denoiser:
