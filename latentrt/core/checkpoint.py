@@ -116,8 +116,28 @@ class TensorDict(TensorSource):
         return self._names.get(key, key)
 
 
-class SafetensorsFile(TensorSource):
-    """A memory-mapped ``.safetensors`` file; a leading ``state_dict.`` prefix is stripped."""
+class _ListedSource(TensorSource):
+    """A source whose names are listed up front (``_names``, in file order, and a set for lookups)."""
+
+    _names: list[str]
+    _index: set[str]
+
+    def _list(self, names: Iterable[str]) -> None:
+        self._names = list(names)
+        self._index = set(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+
+class SafetensorsFile(_ListedSource):
+    """A memory-mapped ``.safetensors`` file (``open_tensors`` strips a nested ``state_dict.``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -129,9 +149,7 @@ class SafetensorsFile(TensorSource):
             raise CheckpointError(
                 f"{path}: not a readable safetensors file ({exc}); the file is truncated or corrupt — download it again"
             ) from exc
-        self._prefix = "state_dict." if names and all(n.startswith("state_dict.") for n in names) else ""
-        self._names = [n[len(self._prefix) :] for n in names]
-        self._index = set(self._names)
+        self._list(names)
 
     def metadata(self) -> dict[str, str]:
         """The file's ``__metadata__`` strings (empty when it has none)."""
@@ -140,25 +158,16 @@ class SafetensorsFile(TensorSource):
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._index:
             raise KeyError(key)
-        tensor: Tensor = self._file.get_tensor(self._prefix + key)
+        tensor: Tensor = self._file.get_tensor(key)
         return tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._index
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape from the header, without reading data."""
-        return tuple(self._file.get_slice(self._prefix + key).get_shape())
+        return tuple(self._file.get_slice(key).get_shape())
 
     def dtype(self, key: str) -> torch.dtype:
         """Dtype from the header, without reading data."""
-        name = self._file.get_slice(self._prefix + key).get_dtype()
+        name = self._file.get_slice(key).get_dtype()
         if name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
         return _SAFETENSORS_DTYPES[name]
@@ -208,29 +217,19 @@ def _tensor_dict(loaded: object, path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-class PrefixView(TensorSource):
+class PrefixView(_ListedSource):
     """The tensors of ``source`` whose names start with ``prefix``, prefix stripped; lazy."""
 
     def __init__(self, source: TensorSource, prefix: str) -> None:
         self.source = source
         self.prefix = prefix
         self.description = f"{source.description} [{prefix}*]"
-        self._names = [k[len(prefix) :] for k in source if k.startswith(prefix)]
-        self._index = set(self._names)
+        self._list(k[len(prefix) :] for k in source if k.startswith(prefix))
 
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._index:
             raise KeyError(key)
         return self.source[self.prefix + key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._index
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of the underlying tensor, without reading data."""
@@ -288,7 +287,9 @@ def open_tensors(path: str | Path) -> TensorSource:
         raise CheckpointError(f"{path}: is a folder; pass a diffusers folder as the model, not as a file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return SafetensorsFile(path)
+        file = SafetensorsFile(path)
+        nested = len(file) > 0 and all(name.startswith("state_dict.") for name in file)
+        return file.with_prefix("state_dict.") if nested else file
     if suffix in PICKLE_SUFFIXES:
         return TorchPickleFile(path)
     raise CheckpointError(f"{path}: unknown file type {suffix or '(none)'}; expected .safetensors or .ckpt")
