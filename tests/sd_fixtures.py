@@ -18,6 +18,19 @@ buffers a real LDM file carries (``betas``, ``alphas_cumprod``, CLIP's int64 ``p
 
 ``tiny_sd1(tmp_path_factory, ...)`` builds a model once per test session and returns the
 cached :class:`TinySD` afterwards; ``build_tiny_sd1(path, ...)`` always builds.
+
+SD2 (``tiny_sd2``, ``build_tiny_sd2``) honours SD2's conventions instead: a 1024-wide
+context (OpenCLIP ViT-H), UNet heads of 64 channels with linear ``proj_in``/``proj_out``
+(diffusers' config says ``attention_head_dim: (1, 2)`` for channels (64, 128): its
+"attention_head_dim" counts heads, as SD2's ``[5, 10, 20, 20]`` does for (320, 640, 1280,
+1280)), and a gelu text model with 16 heads of 64 whose tokenizer pads with ``!`` (id 0).
+The diffusers folder holds the text encoder already truncated (1 layer, as SD2 folders hold
+23 of ViT-H's 24); the single file stores the OpenCLIP layout under ``cond_stage_model.model.``
+with one more random resblock (the layer SD2 drops) plus ``text_projection`` and
+``logit_scale``, written by :func:`transformers_to_openclip_reference` (independent of
+``keys.clip``). The v-prediction variant shares the eps model's files (hard links) with a
+``v_prediction`` scheduler config in the folder and a sidecar ``.yaml`` saying
+``parameterization: "v"`` next to the single file.
 """
 
 from __future__ import annotations
@@ -26,8 +39,11 @@ import functools
 import gzip
 import json
 import math
+import os
 import re
-from dataclasses import dataclass
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -41,18 +57,25 @@ from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 
 __all__ = [
     "SCHEDULER_CONFIG",
+    "SD2_TEXT_CONFIG",
+    "SD2_UNET_CONFIG",
     "TEXT_CONFIG",
     "UNET_CONFIG",
     "VAE_CONFIG",
     "TinySD",
     "build_tiny_sd1",
+    "build_tiny_sd2",
     "diffusers_to_ldm_vae_reference",
+    "ldm_sd2_single_file_state",
     "ldm_single_file_state",
     "randomize",
     "tiny_sd1",
+    "tiny_sd2",
+    "tiny_sd2_text_encoder",
     "tiny_text_encoder",
     "tiny_unet",
     "tiny_vae",
+    "transformers_to_openclip_reference",
     "write_clip_tokenizer_files",
 ]
 
@@ -95,6 +118,21 @@ TEXT_CONFIG: dict[str, Any] = {
     "eos_token_id": 49407,
     "pad_token_id": 49407,
 }
+SD2_UNET_CONFIG: dict[str, Any] = {
+    **UNET_CONFIG,
+    "block_out_channels": (64, 128),  # heads of 64 channels: 1 head, then 2
+    "cross_attention_dim": 1024,  # OpenCLIP ViT-H context: SD2 detection reads this width
+    "attention_head_dim": (1, 2),  # diffusers counts heads here: SD2's [5, 10, 20, 20] = channels / 64
+    "use_linear_projection": True,
+}
+SD2_TEXT_CONFIG: dict[str, Any] = {
+    **TEXT_CONFIG,
+    "hidden_size": 1024,  # ViT-H width: 16 heads of 64
+    "num_hidden_layers": 1,  # as the diffusers folder holds it (the single file has one more)
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",  # OpenCLIP: exact gelu
+    "pad_token_id": 0,  # "!"
+}
 SCHEDULER_CONFIG: dict[str, Any] = {  # SD1's training schedule; "linspace" keeps init_noise_sigma = sigma_max
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -119,6 +157,8 @@ class TinySD:
     text_encoder: Any
     tokenizer: Any
     inpainting: bool
+    scheduler_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """What the folder's scheduler config changes in :data:`SCHEDULER_CONFIG` (SD2 v: ``prediction_type``)."""
 
     def scheduler(self, kind: str = "euler", **overrides: Any) -> Any:
         """A fresh diffusers scheduler from the folder's config (``euler`` or ``euler_ancestral``)."""
@@ -128,7 +168,7 @@ class TinySD:
             "euler": diffusers.EulerDiscreteScheduler,
             "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
         }
-        return classes[kind].from_config({**SCHEDULER_CONFIG, **overrides})
+        return classes[kind].from_config({**SCHEDULER_CONFIG, **self.scheduler_overrides, **overrides})
 
     def pipeline(self, kind: str = "txt2img", scheduler: Any = None) -> Any:
         """A diffusers pipeline (``txt2img``, ``img2img``, ``inpaint``) over the in-memory components."""
@@ -184,11 +224,12 @@ def _scale_output(layer: nn.Module, factor: float) -> None:
             param.mul_(factor)
 
 
-def tiny_unet(seed: int, *, inpainting: bool = False) -> Any:
-    """A random SD1-style ``UNet2DConditionModel`` (9 input channels for inpainting)."""
+def tiny_unet(seed: int, *, inpainting: bool = False, config: Mapping[str, Any] = UNET_CONFIG) -> Any:
+    """A random ``UNet2DConditionModel`` (9 input channels for inpainting); SD1-style unless ``config``
+    says otherwise (:data:`SD2_UNET_CONFIG`)."""
     import diffusers
 
-    config = {**UNET_CONFIG, "in_channels": 9 if inpainting else 4}
+    config = {**config, "in_channels": 9 if inpainting else 4}
     unet = _materialize(lambda: cast(Any, diffusers.UNet2DConditionModel)(**config)).eval()
     randomize(unet, seed)
     # smaller eps predictions keep the final latents (std ~16) where the tiny decoder does not clip
@@ -206,19 +247,32 @@ def tiny_vae(seed: int) -> Any:
     return vae.requires_grad_(False)
 
 
+def _text_encoder(settings: Mapping[str, Any], seed: int) -> Any:
+    import transformers
+
+    config = transformers.CLIPTextConfig(**settings)
+    model = _materialize(lambda: transformers.CLIPTextModel(config)).eval()
+    model.embeddings.position_ids.copy_(torch.arange(config.max_position_embeddings).unsqueeze(0))
+    randomize(model, seed, bias_std=0.02)
+    return model.requires_grad_(False)
+
+
 @functools.cache
 def tiny_text_encoder(seed: int) -> Any:
     """A random two-layer CLIP-L-width ``CLIPTextModel`` (quick_gelu, 12 heads of 64).
 
     Cached: the 49408 x 768 token embedding is 150 MB, shared by the models built with one seed.
     """
-    import transformers
+    return _text_encoder(TEXT_CONFIG, seed)
 
-    config = transformers.CLIPTextConfig(**TEXT_CONFIG)
-    model = _materialize(lambda: transformers.CLIPTextModel(config)).eval()
-    model.embeddings.position_ids.copy_(torch.arange(config.max_position_embeddings).unsqueeze(0))
-    randomize(model, seed, bias_std=0.02)
-    return model.requires_grad_(False)
+
+@functools.cache
+def tiny_sd2_text_encoder(seed: int) -> Any:
+    """A random one-layer ViT-H-width ``CLIPTextModel`` (gelu, 16 heads of 64): SD2's truncated encoder.
+
+    Cached: the 49408 x 1024 token embedding is 200 MB.
+    """
+    return _text_encoder(SD2_TEXT_CONFIG, seed)
 
 
 # --- tokenizer files ------------------------------------------------------------------------
@@ -248,12 +302,12 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-def _hf_tokenizer(files: Path) -> Any:
+def _hf_tokenizer(files: Path, pad_token: str = "<|endoftext|>") -> Any:
     import transformers
 
     # from_pretrained reads vocab.json + merges.txt in transformers 4 and 5 alike (5 renamed the
     # constructor's vocab_file/merges_file to vocab/merges and ignores the old names)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(files), pad_token="<|endoftext|>")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(files), pad_token=pad_token)
     tokenizer.model_max_length = 77  # diffusers pads and truncates prompts to this; unset, it is 1e30
     return tokenizer
 
@@ -294,22 +348,98 @@ def diffusers_to_ldm_vae_reference(state: dict[str, Tensor], levels: int) -> dic
     return out
 
 
-def ldm_single_file_state(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Tensor]:
-    """The state dict of an SD1 LDM single file holding these diffusers/transformers components."""
+def _ldm_unet_vae_state(unet: Any, vae: Any) -> dict[str, Tensor]:
+    """UNet and VAE under their LDM names, plus the DDPM schedule buffers real LDM files carry."""
     state: dict[str, Tensor] = {}
     for key, tensor in diffusers_to_ldm_unet(unet.state_dict()).items():
         state["model.diffusion_model." + key] = tensor
     levels = len(vae.config.block_out_channels)
     for key, tensor in diffusers_to_ldm_vae_reference(vae.state_dict(), levels).items():
         state["first_stage_model." + key] = tensor
-    for key, tensor in text_encoder.state_dict().items():
-        name = key if key.startswith("text_model.") else "text_model." + key
-        state["cond_stage_model.transformer." + name] = tensor
-    # what real LDM files also carry: the DDPM schedule buffers and CLIP's int64 position ids
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     state["betas"] = betas.float()
     state["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    return state
+
+
+def ldm_single_file_state(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Tensor]:
+    """The state dict of an SD1 LDM single file holding these diffusers/transformers components."""
+    state = _ldm_unet_vae_state(unet, vae)
+    for key, tensor in text_encoder.state_dict().items():
+        name = key if key.startswith("text_model.") else "text_model." + key
+        state["cond_stage_model.transformer." + name] = tensor
+    # what real LDM files also carry: CLIP's int64 position ids
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    return {key: tensor.contiguous() for key, tensor in state.items()}
+
+
+_OPENCLIP_NAMES = {  # transformers CLIPTextModel -> OpenCLIP TextTransformer (diffusers' convert_open_clip_checkpoint)
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPENCLIP_LAYER_NAMES = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def transformers_to_openclip_reference(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers ``CLIPTextModel`` names -> OpenCLIP ``TextTransformer`` names (independent of
+    ``latentrt...keys.clip``): q, k and v stacked into ``attn.in_proj_weight``/``in_proj_bias``,
+    position ids dropped. ``text_projection`` is not a ``CLIPTextModel`` tensor: add it yourself."""
+    out: dict[str, Tensor] = {}
+    stacked: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name in _OPENCLIP_NAMES:
+            out[_OPENCLIP_NAMES[name]] = tensor
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if m is None:
+            raise KeyError(f"no OpenCLIP name for {key!r}")
+        block = f"transformer.resblocks.{m[1]}"
+        if (qkv := re.fullmatch(r"self_attn\.([qkv])_proj", m[2])) is not None:
+            stacked.setdefault(f"{block}.attn.in_proj_{m[3]}", {})[qkv[1]] = tensor
+        else:
+            out[f"{block}.{_OPENCLIP_LAYER_NAMES[m[2]]}.{m[3]}"] = tensor
+    for key, parts in stacked.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def _extra_openclip_layer(config: Mapping[str, Any], index: int, seed: int) -> dict[str, Tensor]:
+    """One random CLIP encoder layer as OpenCLIP ``transformer.resblocks.{index}`` tensors."""
+    import transformers
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    layer_config = transformers.CLIPTextConfig(**config)
+    layer = _materialize(lambda: CLIPEncoderLayer(layer_config))
+    randomize(layer, seed, bias_std=0.02)
+    names = {f"encoder.layers.{index}.{key}": tensor for key, tensor in layer.state_dict().items()}
+    return transformers_to_openclip_reference(names)
+
+
+def ldm_sd2_single_file_state(unet: Any, vae: Any, text_encoder: Any, *, seed: int = 0) -> dict[str, Tensor]:
+    """The state dict of an SD2 LDM single file: ``text_encoder`` (SD2's truncated encoder) in the
+    OpenCLIP layout under ``cond_stage_model.model.``, plus what SD2 drops: one more random
+    resblock, ``text_projection`` (``[width, dim]``, applied as ``x @ P``) and ``logit_scale``."""
+    state = _ldm_unet_vae_state(unet, vae)
+    text = transformers_to_openclip_reference(text_encoder.state_dict())
+    config = text_encoder.config.to_dict()
+    text.update(_extra_openclip_layer(config, text_encoder.config.num_hidden_layers, seed))
+    width = text_encoder.config.hidden_size
+    generator = torch.Generator().manual_seed(seed + 1)
+    text["text_projection"] = torch.randn(width, width, generator=generator) / math.sqrt(width)
+    text["logit_scale"] = torch.tensor(math.log(100.0))
+    for key, tensor in text.items():
+        state["cond_stage_model.model." + key] = tensor
     return {key: tensor.contiguous() for key, tensor in state.items()}
 
 
@@ -353,3 +483,76 @@ def tiny_sd1(tmp_path_factory: pytest.TempPathFactory, *, inpainting: bool = Fal
     if key not in _BUILT:
         _BUILT[key] = build_tiny_sd1(tmp_path_factory.mktemp("tiny-sd1"), inpainting=inpainting, seed=seed)
     return _BUILT[key]
+
+
+# --- SD 2.x ----------------------------------------------------------------------------------
+
+
+def build_tiny_sd2(tmp_path: Path, *, seed: int = 0) -> TinySD:
+    """Build a tiny SD2 (eps-prediction) model under ``tmp_path`` in both layouts."""
+    import diffusers
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    unet = tiny_unet(seed + 200, config=SD2_UNET_CONFIG)
+    vae = tiny_vae(seed + 1)
+    text_encoder = tiny_sd2_text_encoder(seed + 202)
+    tokenizer = _hf_tokenizer(write_clip_tokenizer_files(tmp_path / "tokenizer-files"), pad_token="!")
+    folder = tmp_path / "tiny-sd2"
+    pipeline = cast(Any, diffusers.StableDiffusionPipeline)(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=cast(Any, diffusers.EulerDiscreteScheduler).from_config(SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    write_clip_tokenizer_files(folder / "tokenizer")  # transformers 5 saves only tokenizer.json
+    single_file = tmp_path / f"{folder.name}.safetensors"
+    save_file(ldm_sd2_single_file_state(unet, vae, text_encoder, seed=seed + 203), str(single_file))
+    return TinySD(folder, single_file, unet, vae, text_encoder, tokenizer, inpainting=False)
+
+
+def with_v_prediction(model: TinySD, tmp_path: Path) -> TinySD:
+    """``model``'s weights (hard links) as a v-prediction model: the folder's scheduler config says
+    ``v_prediction``, a sidecar ``.yaml`` next to the single file says ``parameterization: "v"``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    folder = tmp_path / f"{model.folder.name}-v"
+    shutil.copytree(model.folder, folder, copy_function=os.link)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.unlink()  # a hard link to the eps model's config: replace, do not overwrite
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}, indent=2), encoding="utf-8")
+    single_file = tmp_path / f"{folder.name}.safetensors"
+    os.link(model.single_file, single_file)
+    single_file.with_suffix(".yaml").write_text(
+        'model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: "v"\n',
+        encoding="utf-8",
+    )
+    return TinySD(
+        folder,
+        single_file,
+        model.unet,
+        model.vae,
+        model.text_encoder,
+        model.tokenizer,
+        model.inpainting,
+        scheduler_overrides={"prediction_type": "v_prediction"},
+    )
+
+
+_BUILT_SD2: dict[tuple[bool, int], TinySD] = {}
+
+
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory, *, v_prediction: bool = False, seed: int = 0) -> TinySD:
+    """:func:`build_tiny_sd2` (or its :func:`with_v_prediction` variant), built once per test session."""
+    key = (v_prediction, seed)
+    if key not in _BUILT_SD2:
+        if v_prediction:
+            eps = tiny_sd2(tmp_path_factory, seed=seed)
+            _BUILT_SD2[key] = with_v_prediction(eps, tmp_path_factory.mktemp("tiny-sd2-v"))
+        else:
+            _BUILT_SD2[key] = build_tiny_sd2(tmp_path_factory.mktemp("tiny-sd2"), seed=seed)
+    return _BUILT_SD2[key]
