@@ -205,3 +205,26 @@ def test_one_pipeline_serves_many_threads() -> None:
         thread.join()
     for k, expected in enumerate(alone):
         assert torch.equal(results[k], expected)
+
+
+def test_refiner_handoff_after_the_switch_fraction() -> None:
+    """refiner_switch_at=0.6 of 5 steps: the base runs steps 0-2, the refiner steps 3-4 (A1111's rule)."""
+    base, _ = make_pipeline()
+    refiner, _ = make_pipeline()
+    calls: list[str] = []
+
+    def spy(name: str, inner: object) -> object:
+        def backbone_spy(*args: Tensor, **kwargs: Tensor) -> Tensor:
+            calls.append(name)
+            return inner(*args, **kwargs)  # type: ignore[operator]
+
+        return backbone_spy
+
+    base.model.denoiser.backbone = spy("base", backbone)  # type: ignore[attr-defined]
+    refiner.model.denoiser.backbone = spy("refiner", lambda *a, **k: 0.5 * backbone(*a, **k))  # type: ignore[attr-defined]
+    pipe = Pipeline(base.model, progress=False, refiner=refiner.model)
+    handed = pipe("a cat", seed=1, steps=5, refiner_switch_at=0.6)
+    assert calls == ["base"] * 3 + ["refiner"] * 2
+    assert not torch.equal(handed.latents, pipe("a cat", seed=1, steps=5).latents)
+    with pytest.raises(InvalidRequest, match="needs a refiner"):
+        base("a cat", seed=1, steps=5, refiner_switch_at=0.5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,9 +57,12 @@ class GenerationCancelled(LatentRTError):
 class Model:
     """Everything a pipeline needs from a loaded model, whatever its family or runtime.
 
-    ``extra_conditioning(request, width, height)`` adds family-specific tensors to the
-    conditioning (SDXL's size ids). ``inpainting`` marks 9-channel UNets, which receive
-    the latent mask and masked image through ``Conditioning.extra["c_concat"]``.
+    ``extra_conditioning(request, width, height, negative)`` adds family-specific tensors
+    to the conditioning (SDXL's size and aesthetic ids; ``negative`` asks for the
+    unconditional side's). ``zero_empty_negative`` makes an empty negative prompt an
+    all-zero conditioning (SDXL's ``force_zeros_for_empty_prompt``). ``inpainting`` marks
+    9-channel UNets, which receive the latent mask and masked image through
+    ``Conditioning.extra["c_concat"]``.
     """
 
     family: str
@@ -71,7 +75,8 @@ class Model:
     model_hash: Callable[[], str | None] = lambda: None
     vae_name: str | None = None
     vae_hash: Callable[[], str | None] = lambda: None
-    extra_conditioning: Callable[[GenerationRequest, int, int], dict[str, Tensor]] | None = None
+    extra_conditioning: Callable[[GenerationRequest, int, int, bool], dict[str, Tensor]] | None = None
+    zero_empty_negative: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 
@@ -172,11 +177,47 @@ class _Inpaint:
         return self.inner(x_in, sigma, cond) * (1 - self.keep) + self.latent * self.keep
 
 
-class Pipeline:
-    """Generates images from a :class:`Model`: ``pipeline(prompt, **options)`` or ``generate(request)``."""
+def _secondary(request: GenerationRequest, guided: bool) -> list[str] | None:
+    """Second-encoder texts for prompts (+ negatives), or None when the request has none."""
+    prompts, negatives = request.secondary_prompts(), request.secondary_negatives()
+    if prompts is None and negatives is None:
+        return None
+    first = prompts or request.prompts()
+    return first + (negatives or request.negative_prompts()) if guided else first
 
-    def __init__(self, model: Model, plugins: Registry | None = None, *, progress: bool = True) -> None:
+
+@dataclass
+class _Handoff:
+    """Base model above ``sigma_switch``, refiner at and below it (SDXL base -> refiner, A1111's
+    ``refiner_switch_at``); one sampler run, so samplers keep their state across the handoff."""
+
+    base: Denoiser
+    refiner: Denoiser
+    sigma_switch: float
+
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """The base model's sampling (SDXL base and refiner share it)."""
+        return self.base.model_sampling
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning | None) -> Tensor:
+        """The base model's estimate above the switch sigma, the refiner's below."""
+        model = self.base if float(sigma.max()) > self.sigma_switch else self.refiner
+        return model(x, sigma, cond)
+
+
+class Pipeline:
+    """Generates images from a :class:`Model`: ``pipeline(prompt, **options)`` or ``generate(request)``.
+
+    With a ``refiner`` (SDXL), requests with ``refiner_switch_at`` hand the latent over to
+    it after that fraction of the steps.
+    """
+
+    def __init__(
+        self, model: Model, plugins: Registry | None = None, *, progress: bool = True, refiner: Model | None = None
+    ) -> None:
         self.model = model
+        self.refiner = refiner
         self._registry = plugins
         self.progress = progress
 
@@ -205,6 +246,7 @@ class Pipeline:
         generators = make_generators(seeds)
         with torch.inference_mode():
             x, denoiser = self._prepare(request, sigmas, generators, width, height)
+            denoiser = self._with_refiner(request, denoiser, sigmas, width, height)
             noise = noise_for_sampler(sampler.noise, x, sigmas, seeds, generators=generators)
             on_step, bar = self._step_reporter(len(sigmas) - 1, callback, cancel)
             with bar:
@@ -213,6 +255,22 @@ class Pipeline:
             images = tensor_to_images(decode_finite(self.model.vae, latents))
         texts = [self._parameters(request, sampler, seeds[k], k, (width, height)) for k in range(len(seeds))]
         return GenerationResult(images=images, parameters=texts, seeds=seeds, latents=latents)
+
+    def _with_refiner(self, request: GenerationRequest, base: Denoiser, sigmas: Tensor, w: int, h: int) -> Denoiser:
+        """``base``, or a handoff to the refiner after ``refiner_switch_at`` of the steps."""
+        switch = request.refiner_switch_at
+        if switch is None:
+            return base
+        if self.refiner is None:
+            raise InvalidRequest("refiner_switch_at needs a refiner: load the pipeline with refiner=PATH")
+        if request.mask is not None:
+            raise InvalidRequest("the refiner cannot be combined with inpainting (mask=...)")
+        steps = len(sigmas) - 1
+        first_refined = math.ceil(round(switch * steps, 6))  # A1111: refine from step >= switch * steps
+        if first_refined >= steps:
+            return base
+        refiner = self._guided(request, w, h, {}, model=self.refiner)
+        return refiner if first_refined == 0 else _Handoff(base, refiner, float(sigmas[first_refined]))
 
     def _step_reporter(
         self, steps: int, callback: Callable[[StepInfo], None] | None, cancel: threading.Event | None
@@ -282,21 +340,45 @@ class Pipeline:
             denoiser = _Inpaint(denoiser, latent, noise, keep, float(sigmas[0]) if from_noise else None)
         return x, denoiser
 
-    def _guided(self, request: GenerationRequest, w: int, h: int, extra: dict[str, Tensor]) -> Denoiser:
+    def _guided(
+        self, request: GenerationRequest, w: int, h: int, extra: dict[str, Tensor], model: Model | None = None
+    ) -> Denoiser:
         """The CFG-wrapped denoiser; cond and uncond are encoded in one call (same chunk count)."""
+        model = model or self.model
+        batch, guided = request.batch_size, request.cfg_scale != 1.0
+        cond, uncond = self._conditionings(request, model, guided)
+        if model.extra_conditioning is not None:
+            cond = cond.with_extra(**model.extra_conditioning(request, w, h, False))
+            if uncond is not None:
+                uncond = uncond.with_extra(**model.extra_conditioning(request, w, h, True))
+        cond = cond.with_extra(**extra)
+        uncond = None if uncond is None else uncond.with_extra(**extra)
+        scale = torch.full((batch,), float(request.cfg_scale), device=model.device)
+        rescale = torch.full((batch,), float(request.guidance_rescale), device=model.device)
+        return CFGDenoiser(model.denoiser, cond, uncond, scale, rescale if request.guidance_rescale else None)
+
+    def _conditionings(
+        self, request: GenerationRequest, model: Model, guided: bool
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """Prompts and negatives encoded together, the empty negatives zeroed where the model asks."""
         prompts, negatives = request.prompts(), request.negative_prompts()
-        guided = request.cfg_scale != 1.0
         texts = prompts + negatives if guided else prompts
-        encoded = self.model.text_encoder.encode(texts, clip_skip=request.clip_skip)
-        if self.model.extra_conditioning is not None:
-            extra = {**extra, **self.model.extra_conditioning(request, w, h)}
+        secondary = _secondary(request, guided)
+        options: dict[str, Any] = {"clip_skip": request.clip_skip}
+        if secondary is not None:
+            options["secondary"] = secondary
+        encoded = model.text_encoder.encode(texts, **options).map(lambda t: t.to(model.device))
         batch = request.batch_size
-        encoded = encoded.map(lambda t: t.to(self.model.device))
-        cond = encoded.select(slice(0, batch)).with_extra(**extra)
-        uncond = encoded.select(slice(batch, 2 * batch)).with_extra(**extra) if guided else None
-        scale = torch.full((batch,), float(request.cfg_scale), device=self.model.device)
-        rescale = torch.full((batch,), float(request.guidance_rescale), device=self.model.device)
-        return CFGDenoiser(self.model.denoiser, cond, uncond, scale, rescale if request.guidance_rescale else None)
+        cond = encoded.select(slice(0, batch))
+        if not guided:
+            return cond, None
+        uncond = encoded.select(slice(batch, 2 * batch))
+        seconds = request.secondary_negatives() or negatives
+        empty = [not first and not second for first, second in zip(negatives, seconds, strict=True)]
+        if model.zero_empty_negative and any(empty):
+            keep = torch.tensor([0.0 if e else 1.0 for e in empty], device=model.device)
+            uncond = uncond.map(lambda t: t * keep.view(-1, *([1] * (t.ndim - 1))).to(t))
+        return cond, uncond
 
     def _parameters(
         self, request: GenerationRequest, sampler: SamplerSpec, seed: int, k: int, size: tuple[int, int]

@@ -50,6 +50,24 @@ class GenerationRequest:
     mask: Image.Image | None = None
     sigmas: Tensor | None = None
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    prompt_2: str | Sequence[str] | None = None
+    negative_prompt_2: str | Sequence[str] | None = None
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    refiner_switch_at: float | None = None
+
+    def secondary_prompts(self) -> list[str] | None:
+        """SDXL's second-encoder prompts (diffusers' ``prompt_2``), one per image, or None."""
+        return None if self.prompt_2 is None else _per_image(self.prompt_2, self.batch_size, "prompt_2")
+
+    def secondary_negatives(self) -> list[str] | None:
+        """SDXL's second-encoder negative prompts, one per image, or None."""
+        if self.negative_prompt_2 is None:
+            return None
+        return _per_image(self.negative_prompt_2, self.batch_size, "negative_prompt_2")
 
     def prompts(self) -> list[str]:
         """One prompt per image."""
@@ -84,10 +102,18 @@ class GenerationRequest:
                 raise InvalidRequest("strength must be > 0 (0 would return the init image unchanged)")
         if self.mask is not None and self.init_image is None:
             raise InvalidRequest("a mask needs an init image: pass init_image= (the picture to inpaint)")
+        if self.refiner_switch_at is not None:
+            _check_float("refiner_switch_at", self.refiner_switch_at, 0.0, 1.0)
+        for name in ("original_size", "target_size", "crop"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or not all(isinstance(v, int) and v >= 0 for v in value)):
+                raise InvalidRequest(f"{name} must be two integers >= 0 (width, height), got {value!r}")
         if not isinstance(self.seed, int) or not -1 <= self.seed < 2**32:
             raise InvalidRequest(f"seed must be -1 (random) or an integer in 0..2**32-1, got {self.seed!r}")
         self.prompts()
         self.negative_prompts()
+        self.secondary_prompts()
+        self.secondary_negatives()
 
 
 def _per_image(value: str | Sequence[str], batch: int, name: str) -> list[str]:

@@ -56,8 +56,12 @@ class SDTextEncoder:
         chunks = [tokenize_weighted(self.tokenizer, prompt) for prompt in prompts]
         return pad_chunk_counts(chunks, self.tokenizer)
 
-    def encode(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
+    def encode(
+        self, prompts: Sequence[str], *, clip_skip: int = 1, secondary: Sequence[str] | None = None
+    ) -> Conditioning:
         """``[batch, 77 * chunks, channels]`` context for ``prompts`` (A1111 syntax)."""
+        if secondary is not None:
+            raise InvalidRequest("prompt_2 / negative_prompt_2 need a model with two text encoders (SDXL)")
         per_prompt = self.tokenize(prompts)
         contexts = []
         for index in range(len(per_prompt[0]) if per_prompt else 0):
