@@ -66,6 +66,7 @@ __all__ = [
     "build_tiny_sd1",
     "build_tiny_sd2",
     "diffusers_to_ldm_vae_reference",
+    "hf_clip_tokenizer",
     "ldm_sd2_single_file_state",
     "ldm_single_file_state",
     "randomize",
@@ -310,6 +311,12 @@ def _hf_tokenizer(files: Path, pad_token: str = "<|endoftext|>") -> Any:
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(files), pad_token=pad_token)
     tokenizer.model_max_length = 77  # diffusers pads and truncates prompts to this; unset, it is 1e30
     return tokenizer
+
+
+def hf_clip_tokenizer(files: Path, pad_token: str = "<|endoftext|>") -> Any:
+    """A transformers ``CLIPTokenizer`` over :func:`write_clip_tokenizer_files` output, padding with
+    ``pad_token`` (``"!"`` for OpenCLIP: SD2, SDXL's ``tokenizer_2``) to ``model_max_length`` 77."""
+    return _hf_tokenizer(files, pad_token)
 
 
 # --- the LDM single-file layout -------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from latentrt.core.checkpoint import load_module, shape_of
+from latentrt.core.checkpoint import describe, load_module, shape_of
 from latentrt.core.errors import CheckpointError, InvalidRequest
 
 __all__ = [
@@ -76,7 +76,9 @@ class CLIPTextConfig:
         return self.hidden_size // HEAD_DIM
 
     @classmethod
-    def from_state_dict(cls, weights: Mapping[str, Tensor], activation: Activation) -> CLIPTextConfig:
+    def from_state_dict(
+        cls, weights: Mapping[str, Tensor], activation: Activation, what: str = "CLIP text encoder"
+    ) -> CLIPTextConfig:
         """The config of ``weights`` (transformers names), read from shapes and layer indices.
 
         ``activation`` cannot be read from weights: pass the family's convention,
@@ -85,7 +87,7 @@ class CLIPTextConfig:
         required = ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight")
         missing = [k for k in (*required, "encoder.layers.0.mlp.fc1.weight") if k not in weights]
         if missing:
-            raise CheckpointError(f"not a CLIP text encoder: missing {', '.join(missing)}")
+            raise CheckpointError(f"{describe(weights)}: not a valid {what}: missing {', '.join(missing)}")
         vocab_size, hidden_size = shape_of(weights, required[0])
         if hidden_size % HEAD_DIM:
             raise CheckpointError(f"CLIP text encoder width {hidden_size} is not a multiple of {HEAD_DIM}")
@@ -300,7 +302,7 @@ def load_clip_text(
     misshapen tensor is a :class:`CheckpointError`; nothing loads partially. Each tensor is
     read once and moved straight into the model (``assign``), without a second copy.
     """
-    built = config or CLIPTextConfig.from_state_dict(weights, activation)
+    built = config or CLIPTextConfig.from_state_dict(weights, activation, what)
     model = load_module(lambda: CLIPTextTransformer(built), weights, what, device=device, dtype=dtype)
     assert isinstance(model, CLIPTextTransformer)
     return model

@@ -44,7 +44,7 @@ from latentrt.plugins.stable_diffusion.keys.clip import from_transformers, sd1_t
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 from latentrt.plugins.stable_diffusion.text import SDTextEncoder
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
-from latentrt.plugins.stable_diffusion.unet import UNet, UNetConfig
+from latentrt.plugins.stable_diffusion.unet import HeadConvention, UNet, UNetConfig
 from latentrt.plugins.stable_diffusion.vae import SD_SCALING_FACTOR, AutoencoderKL, Tiling
 
 __all__ = ["SD1", "SD2", "SDFamily", "UNetBackbone", "detect_family"]
@@ -54,11 +54,9 @@ logger = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 _CROSS_ATTN_KEY = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
-_SDXL_KEYS = (
-    "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-    "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
-)
-FamilyName = Literal["sd1", "sd2", "sdxl"]
+_SDXL_BASE_KEY = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+_SDXL_REFINER_KEY = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"
+FamilyName = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
 
 
 def detect_family(checkpoint: Checkpoint) -> FamilyName | None:
@@ -67,8 +65,10 @@ def detect_family(checkpoint: Checkpoint) -> FamilyName | None:
         return _detect_folder(checkpoint)
     tensors = checkpoint.tensors
     assert tensors is not None
-    if any(key in tensors for key in _SDXL_KEYS):
+    if _SDXL_BASE_KEY in tensors:
         return "sdxl"
+    if _SDXL_REFINER_KEY in tensors:
+        return "sdxl_refiner"
     if _CROSS_ATTN_KEY in tensors:
         return {768: "sd1", 1024: "sd2"}.get(shape_of(tensors, _CROSS_ATTN_KEY)[-1])  # type: ignore[return-value]
     return None
@@ -77,7 +77,9 @@ def detect_family(checkpoint: Checkpoint) -> FamilyName | None:
 def _detect_folder(checkpoint: Checkpoint) -> FamilyName | None:
     index = checkpoint.model_index()
     if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index:
-        return "sdxl"
+        first_encoder = index.get("text_encoder")
+        has_clip_l = isinstance(first_encoder, list) and first_encoder[0] is not None
+        return "sdxl" if has_clip_l else "sdxl_refiner"
     _, unet_config = checkpoint.component("unet")
     return {768: "sd1", 1024: "sd2"}.get(int(unet_config.get("cross_attention_dim", 0)))  # type: ignore[return-value]
 
@@ -131,11 +133,6 @@ class SDFamily:
         """Whether ``checkpoint`` is of this family."""
         return detect_family(checkpoint) == self.name
 
-    def identify(self, checkpoint: Checkpoint) -> str | None:
-        """What the checkpoint looks like, for the error when no installed family loads it."""
-        family = detect_family(checkpoint)
-        return None if family is None else {"sdxl": "an SDXL checkpoint (SDXL support comes later)"}.get(family)
-
     def __call__(
         self,
         checkpoint: Checkpoint,
@@ -153,21 +150,19 @@ class SDFamily:
         """
         device = torch.device(device)
         unet_weights, text_model, tokenizer, vae_weights = self._components(checkpoint, device, dtype)
-        config = UNetConfig.from_state_dict(unet_weights, heads=self.heads)
-        unet = load_module(lambda: UNet(config), unet_weights, f"{self.label} UNet", device=device, dtype=dtype)
-        autoencoder, vae_name, vae_hash = self._vae(vae, vae_weights, device, dtype)
-        autoencoder.tiling = Tiling() if vae_tiling else None
+        unet = load_unet(unet_weights, self.heads, self.label, device, dtype)
+        autoencoder, vae_name, vae_hash = load_vae(vae, vae_weights, SD_SCALING_FACTOR, device, dtype, vae_tiling)
         chosen = prediction or read_prediction(checkpoint) or "eps"
         logger.info("loaded %s (%s, %s prediction) on %s in %s", checkpoint.name, self.label, chosen, device, dtype)
         return Model(
             family=self.name,
             text_encoder=SDTextEncoder(text_model, tokenizer, device),
-            denoiser=DiscreteDenoiser(UNetBackbone(unet), sd_model_sampling(), chosen),  # type: ignore[arg-type]
+            denoiser=DiscreteDenoiser(UNetBackbone(unet), sd_model_sampling(), chosen),
             vae=autoencoder,
             name=checkpoint.name,
             default_size=self.default_size,
-            inpainting=config.in_channels == 9,
-            model_hash=_hasher(checkpoint.path if checkpoint.tensors is not None else None),
+            inpainting=unet.config.in_channels == 9,
+            model_hash=checkpoint_hasher(checkpoint),
             vae_name=vae_name,
             vae_hash=vae_hash,
             device=device,
@@ -194,19 +189,39 @@ class SDFamily:
         vae_source, _ = checkpoint.component("vae")
         return diffusers_to_ldm_unet(unet_source), text_model, tokenizer, vae_source
 
-    def _vae(
-        self, override: str | Path | None, weights: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
-    ) -> tuple[AutoencoderKL, str | None, Any]:
-        """The checkpoint's VAE, or the one in ``override`` (LDM or diffusers layout, file or folder)."""
-        if override is not None:
-            path = Path(override).expanduser()
-            source = _vae_source(path)
-            return _autoencoder(source, device, dtype), path.stem, _hasher(path if path.is_file() else None)
-        return _autoencoder(weights, device, dtype), None, lambda: None
+
+def load_unet(
+    weights: Mapping[str, Tensor], heads: HeadConvention, label: str, device: torch.device, dtype: torch.dtype
+) -> UNet:
+    """The UNet of ``weights`` (LDM names), its config read from the shapes."""
+    config = UNetConfig.from_state_dict(weights, heads=heads)
+    unet = load_module(lambda: UNet(config), weights, f"{label} UNet", device=device, dtype=dtype)
+    assert isinstance(unet, UNet)
+    return unet
 
 
-def _autoencoder(weights: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
-    return AutoencoderKL.from_state_dict(weights, scaling_factor=SD_SCALING_FACTOR, device=device, dtype=dtype)
+def load_vae(
+    override: str | Path | None,
+    weights: Mapping[str, Tensor],
+    scaling_factor: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    tiling: bool,
+) -> tuple[AutoencoderKL, str | None, Any]:
+    """The checkpoint's VAE, or the one in ``override`` (LDM or diffusers layout, file or folder),
+    with its name and lazy hash for the parameters text (None for the checkpoint's own)."""
+    name, hasher = None, lambda: None
+    if override is not None:
+        path = Path(override).expanduser()
+        weights, name, hasher = _vae_source(path), path.stem, _hasher(path if path.is_file() else None)
+    autoencoder = AutoencoderKL.from_state_dict(weights, scaling_factor=scaling_factor, device=device, dtype=dtype)
+    autoencoder.tiling = Tiling() if tiling else None
+    return autoencoder, name, hasher
+
+
+def checkpoint_hasher(checkpoint: Checkpoint) -> Any:
+    """The lazy A1111 hash of a single file (diffusers folders have none)."""
+    return _hasher(checkpoint.path if checkpoint.tensors is not None else None)
 
 
 def _vae_source(path: Path) -> Mapping[str, Tensor]:
