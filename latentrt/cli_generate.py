@@ -97,6 +97,14 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidRequest("give a PROMPT (or --from-png IMAGE.png)")
     overrides = {
         "negative_prompt": args.negative,
+        "prompt_2": args.prompt_2,
+        "negative_prompt_2": args.negative_2,
+        "original_size": args.original_size,
+        "target_size": args.target_size,
+        "crop": args.crop,
+        "aesthetic_score": args.aesthetic_score,
+        "negative_aesthetic_score": args.negative_aesthetic_score,
+        "refiner_switch_at": args.refiner_switch_at if args.refiner else None,
         "sampler": args.sampler,
         "scheduler": args.scheduler,
         **{field: getattr(args, option) for option, (field, _, _) in _FROM_PNG.items()},
@@ -165,9 +173,35 @@ def add_generate_parser(commands: Any, positive_int: Any) -> None:
     gen.add_argument("--prediction", choices=("eps", "v"), help="model prediction type (weights cannot tell)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    xl = gen.add_argument_group("SDXL")
+    xl.add_argument("--prompt-2", dest="prompt_2", help="prompt for the second text encoder (default: PROMPT)")
+    xl.add_argument("--negative-2", dest="negative_2", help="negative prompt for the second text encoder")
+    xl.add_argument("--original-size", dest="original_size", type=_size, help="WxH size conditioning")
+    xl.add_argument("--target-size", dest="target_size", type=_size, help="WxH size conditioning")
+    xl.add_argument("--crop", type=_pair, help="TOP,LEFT crop conditioning (default 0,0)")
+    xl.add_argument("--aesthetic-score", dest="aesthetic_score", type=float, help="refiner's (default 6.0)")
+    xl.add_argument("--negative-aesthetic-score", dest="negative_aesthetic_score", type=float, help="default 2.5")
+    xl.add_argument("--refiner", help="SDXL refiner checkpoint to hand the latent to")
+    xl.add_argument("--refiner-switch-at", dest="refiner_switch_at", type=float, default=0.8,
+                    help="fraction of the steps after which the refiner takes over (default 0.8)")  # fmt: skip
     gen.add_argument("--output", default="output.png", help="PNG path; batches get -1, -2, ... suffixes")
     gen.add_argument("--from-png", dest="from_png", help="regenerate an image from its parameters text")
     gen.set_defaults(run=cmd_generate)
+
+
+def _pair(text: str, separator: str = ",") -> tuple[int, int]:
+    first, _, second = text.partition(separator)
+    try:
+        pair = int(first), int(second)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers like 0{separator}0, got {text!r}") from None
+    if min(pair) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return pair
+
+
+def _size(text: str) -> tuple[int, int]:
+    return _pair(text.lower(), "x")
 
 
 def add_info_parser(commands: Any) -> None:

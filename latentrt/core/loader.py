@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -93,6 +93,7 @@ def load(
     dtype: str | torch.dtype = "fp32",
     prediction: str | None = None,
     vae_tiling: bool = False,
+    refiner: str | Path | None = None,
     plugins: Registry | None = None,
     progress: bool = True,
 ) -> Pipeline:
@@ -100,19 +101,27 @@ def load(
 
     ``prediction`` (``"eps"``/``"v"``) overrides what a sidecar ``.yaml`` or the diffusers
     scheduler config says; weights alone cannot tell. ``vae_tiling`` encodes and decodes
-    in overlapping tiles, for images too large for memory in one piece.
+    in overlapping tiles, for images too large for memory in one piece. ``refiner`` loads an
+    SDXL refiner checkpoint that requests hand over to with ``refiner_switch_at``.
     """
     if prediction not in (None, "eps", "v"):
         raise InvalidRequest(f"prediction must be 'eps' or 'v', got {prediction!r}")
     plugins = plugins or registry()
+    options: dict[str, Any] = {
+        "vae": vae,
+        "device": resolve_device(device),
+        "dtype": resolve_dtype(dtype),
+        "prediction": prediction,
+        "vae_tiling": vae_tiling,
+    }
     checkpoint = open_checkpoint(path)
-    family = _family_for(checkpoint, plugins)
-    model = family(
-        checkpoint,
-        vae=vae,
-        device=resolve_device(device),
-        dtype=resolve_dtype(dtype),
-        prediction=prediction,
-        vae_tiling=vae_tiling,
-    )
-    return Pipeline(model, plugins, progress=progress)
+    model = _family_for(checkpoint, plugins)(checkpoint, **options)
+    refiner_model = None
+    if refiner is not None:
+        refiner_checkpoint = open_checkpoint(refiner)
+        refiner_model = _family_for(refiner_checkpoint, plugins)(refiner_checkpoint, **{**options, "vae": None})
+        if refiner_model.family != f"{model.family}_refiner":
+            raise InvalidRequest(
+                f"{refiner}: is a {refiner_model.family} checkpoint, not a refiner for the {model.family} model {path}"
+            )
+    return Pipeline(model, plugins, progress=progress, refiner=refiner_model)

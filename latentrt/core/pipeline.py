@@ -239,6 +239,7 @@ class Pipeline:
     ) -> GenerationResult:
         """Run one request; ``cancel.set()`` from another thread stops it between steps."""
         request.validate()
+        self._check_model_options(request)
         sampler = self.registry.sampler(request.sampler)
         width, height = request.size(self.model.default_size, self.model.vae.downscale)
         seeds = [resolve_seed(request.seed) + k for k in range(request.batch_size)]
@@ -255,6 +256,22 @@ class Pipeline:
             images = tensor_to_images(decode_finite(self.model.vae, latents))
         texts = [self._parameters(request, sampler, seeds[k], k, (width, height)) for k in range(len(seeds))]
         return GenerationResult(images=images, parameters=texts, seeds=seeds, latents=latents)
+
+    def _check_model_options(self, request: GenerationRequest) -> None:
+        """Refuse SDXL-only options for a model without SDXL's size conditioning."""
+        given = [
+            name
+            for name, value in (
+                ("original_size", request.original_size),
+                ("target_size", request.target_size),
+                ("crop", request.crop != (0, 0)),
+            )
+            if value
+        ]
+        if given and self.model.extra_conditioning is None:
+            raise InvalidRequest(
+                f"{', '.join(given)} only apply to SDXL models; {self.model.name} is {self.model.family}"
+            )
 
     def _with_refiner(self, request: GenerationRequest, base: Denoiser, sigmas: Tensor, w: int, h: int) -> Denoiser:
         """``base``, or a handoff to the refiner after ``refiner_switch_at`` of the steps."""
@@ -399,6 +416,8 @@ class Pipeline:
             "Denoising strength": request.strength if request.init_image is not None else None,
             "Clip skip": request.clip_skip,
             "Guidance rescale": request.guidance_rescale or None,
+            "Refiner": self.refiner.name if self.refiner and request.refiner_switch_at is not None else None,
+            "Refiner switch at": request.refiner_switch_at if self.refiner else None,
             "Version": f"latentrt {__version__}",
         }
         return format_parameters(Parameters(request.prompts()[k], request.negative_prompts()[k], settings))
