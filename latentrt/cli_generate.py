@@ -134,7 +134,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mask = _open_image(args.mask, "--mask")
     request = GenerationRequest(**fields, init_image=init, mask=mask)
     request.validate()
-    pipeline = load(args.checkpoint, vae=args.vae, device=args.device, dtype=args.dtype, prediction=args.prediction)
+    pipeline = load(
+        args.checkpoint,
+        vae=args.vae,
+        device=args.device,
+        dtype=args.dtype,
+        prediction=args.prediction,
+        vae_tiling=args.vae_tiling,
+        refiner=args.refiner,
+    )
     result = pipeline.generate(request)
     for path, image, text in zip(
         output_paths(output, len(result.images)), result.images, result.parameters, strict=True

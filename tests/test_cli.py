@@ -68,6 +68,8 @@ def test_version_from_a_subprocess() -> None:
         (["demo", "--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
         (["demo", "--images", "two"], "argument --images: must be an integer >= 1, got 'two'"),
         (["frob"], "invalid choice: 'frob'"),
+        (["generate", "x", "--crop", "8"], "argument --crop: expected two integers like 0,0, got '8'"),
+        (["generate", "x", "--original-size", "64"], "argument --original-size: expected two integers"),
     ],
 )
 def test_usage_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,6 +74,9 @@ def test_img2img_from_the_cli(tiny: TinySD, tmp_path: Path) -> None:
         (["--mask", "mask.png"], "--mask mask.png: not a readable image"),
         (["--output", "out.jpg"], "--output must end in .png"),
         (["--dtype", "fp16", "--device", "cuda"], "no CUDA GPU"),
+        (["--original-size", "64x64"], "original_size only apply to SDXL models"),
+        (["--crop", "8,0"], "crop only apply to SDXL models"),
+        (["--prompt-2", "a dog"], "prompt_2 / negative_prompt_2 need a model with two text encoders"),
     ],
 )
 def test_bad_arguments_are_one_line_and_write_nothing(
@@ -93,6 +96,14 @@ def test_bad_arguments_are_one_line_and_write_nothing(
     assert err.count("\n") == 1
     assert message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_refiner_must_be_a_refiner(tiny: TinySD, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.png"
+    argv = ["generate", "a cat", "--checkpoint", str(tiny.single_file), "--refiner", str(tiny.single_file)]
+    assert main([*argv, "--steps", "2", "--output", str(out)]) == 2
+    assert "is a sd1 checkpoint, not a refiner for the sd1 model" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_missing_checkpoint_and_png_without_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,6 +126,17 @@ def test_vae_tiling_flag(tiny: TinySD, tmp_path: Path) -> None:
     with Image.open(plain) as a, Image.open(tiled) as b:
         assert a.tobytes() == b.tobytes()
     import latentrt
+    import latentrt.cli_generate as cli_generate
 
-    assert latentrt.load(tiny.single_file, vae_tiling=True).model.vae.tiling is not None  # type: ignore[attr-defined]
-    assert latentrt.load(tiny.single_file).model.vae.tiling is None  # type: ignore[attr-defined]
+    loaded: list[latentrt.Pipeline] = []
+
+    def spy_load(*args: object, **kwargs: object) -> latentrt.Pipeline:
+        loaded.append(latentrt.load(*args, **kwargs))  # type: ignore[arg-type]
+        return loaded[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli_generate, "load", spy_load)
+        assert main([*argv, "--vae-tiling", "--output", str(tmp_path / "spy.png")]) == 0
+        assert main([*argv, "--output", str(tmp_path / "plain-spy.png")]) == 0
+    assert loaded[0].model.vae.tiling is not None  # type: ignore[attr-defined]
+    assert loaded[1].model.vae.tiling is None  # type: ignore[attr-defined]
