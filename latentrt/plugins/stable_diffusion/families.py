@@ -39,7 +39,9 @@ from latentrt.core.checkpoint import (
 from latentrt.core.denoiser import DiscreteDenoiser, Prediction
 from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.pipeline import Model
+from latentrt.core.protocols import ExportSpec
 from latentrt.plugins.stable_diffusion.clip import CLIPTextTransformer, load_clip_text
+from latentrt.plugins.stable_diffusion.export import unet_export_spec
 from latentrt.plugins.stable_diffusion.keys.clip import from_transformers, sd1_text_weights, sd2_text_weights
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 from latentrt.plugins.stable_diffusion.text import SDTextEncoder
@@ -116,6 +118,10 @@ class UNetBackbone:
             sample = torch.cat([sample, c_concat.to(sample)], dim=1)
         out: Tensor = self.unet(sample.to(dtype), timestep, context.to(dtype))
         return out.to(sample.dtype)
+
+    def export_spec(self) -> ExportSpec:
+        """Names, dynamic axes and shape range an exporter compiles this backbone for."""
+        return unet_export_spec(self.unet.config)
 
 
 @dataclass(frozen=True)

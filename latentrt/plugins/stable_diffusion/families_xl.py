@@ -25,8 +25,10 @@ from latentrt.core.checkpoint import Checkpoint
 from latentrt.core.denoiser import DiscreteDenoiser, Prediction
 from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.pipeline import Model
+from latentrt.core.protocols import ExportSpec
 from latentrt.core.request import GenerationRequest
 from latentrt.plugins.stable_diffusion.clip import load_clip_text
+from latentrt.plugins.stable_diffusion.export import unet_export_spec
 from latentrt.plugins.stable_diffusion.families import (
     UNET_PREFIX,
     checkpoint_hasher,
@@ -62,6 +64,11 @@ class SDXLBackbone:
     """
 
     unet: UNet
+    time_ids: int = 6  # base: original size, crop, target size; refiner: original size, crop, aesthetic score
+
+    def export_spec(self) -> ExportSpec:
+        """Names, dynamic axes and shape range an exporter compiles this backbone for."""
+        return unet_export_spec(self.unet.config, time_ids=self.time_ids)
 
     def __call__(
         self,
@@ -135,7 +142,7 @@ class SDXLFamily:
         return Model(
             family=self.name,
             text_encoder=SDXLTextEncoder(branches, device),
-            denoiser=DiscreteDenoiser(SDXLBackbone(unet), sd_model_sampling(), chosen),
+            denoiser=DiscreteDenoiser(SDXLBackbone(unet, 5 if self.refiner else 6), sd_model_sampling(), chosen),
             vae=autoencoder,
             name=checkpoint.name,
             default_size=1024,
