@@ -113,10 +113,16 @@ class UNetBackbone:
 
     def __call__(self, sample: Tensor, timestep: Tensor, context: Tensor, c_concat: Tensor | None = None) -> Tensor:
         """One UNet evaluation in the UNet's dtype; returns the prediction in ``sample``'s dtype."""
+        return self.run(sample, timestep, context, c_concat)
+
+    def run(
+        self, sample: Tensor, timestep: Tensor, context: Tensor, c_concat: Tensor | None, y: Tensor | None = None
+    ) -> Tensor:
+        """The UNet on ``sample`` (with ``c_concat`` channels appended) in the UNet's dtype."""
         dtype = next(self.unet.parameters()).dtype
         if c_concat is not None:
             sample = torch.cat([sample, c_concat.to(sample)], dim=1)
-        out: Tensor = self.unet(sample.to(dtype), timestep, context.to(dtype))
+        out: Tensor = self.unet(sample.to(dtype), timestep, context.to(dtype), None if y is None else y.to(dtype))
         return out.to(sample.dtype)
 
     def export_spec(self) -> ExportSpec:

@@ -31,6 +31,7 @@ from latentrt.plugins.stable_diffusion.clip import load_clip_text
 from latentrt.plugins.stable_diffusion.export import unet_export_spec
 from latentrt.plugins.stable_diffusion.families import (
     UNET_PREFIX,
+    UNetBackbone,
     checkpoint_hasher,
     detect_family,
     load_unet,
@@ -47,7 +48,7 @@ from latentrt.plugins.stable_diffusion.keys.clip import (
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 from latentrt.plugins.stable_diffusion.text_xl import SDXLTextEncoder, TextBranch
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
-from latentrt.plugins.stable_diffusion.unet import UNet, sdxl_adm_vector
+from latentrt.plugins.stable_diffusion.unet import sdxl_adm_vector
 from latentrt.plugins.stable_diffusion.vae import SDXL_SCALING_FACTOR
 
 __all__ = ["SDXL", "SDXL_REFINER", "SDXLBackbone", "SDXLFamily", "sdxl_time_ids"]
@@ -56,21 +57,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SDXLBackbone:
+class SDXLBackbone(UNetBackbone):
     """The SDXL UNet as the denoiser's backbone: ``(sample, t, context, text_embeds, time_ids[, c_concat])``.
 
-    The inputs are the ones the export spec declares (``text_embeds``, ``time_ids``); the
-    vector ``y`` is built here.
+    The inputs are the ones the export spec declares; SDXL's vector input ``y`` (pooled
+    text embedding and embedded time ids) is built here.
     """
 
-    unet: UNet
     time_ids: int = 6  # base: original size, crop, target size; refiner: original size, crop, aesthetic score
 
     def export_spec(self) -> ExportSpec:
         """Names, dynamic axes and shape range an exporter compiles this backbone for."""
         return unet_export_spec(self.unet.config, time_ids=self.time_ids)
 
-    def __call__(
+    def __call__(  # type: ignore[override]
         self,
         sample: Tensor,
         timestep: Tensor,
@@ -79,13 +79,8 @@ class SDXLBackbone:
         time_ids: Tensor,
         c_concat: Tensor | None = None,
     ) -> Tensor:
-        """One UNet evaluation in the UNet's dtype; returns the prediction in ``sample``'s dtype."""
-        dtype = next(self.unet.parameters()).dtype
-        if c_concat is not None:
-            sample = torch.cat([sample, c_concat.to(sample)], dim=1)
-        y = sdxl_adm_vector(text_embeds.to(dtype), time_ids.to(dtype))
-        out: Tensor = self.unet(sample.to(dtype), timestep, context.to(dtype), y)
-        return out.to(sample.dtype)
+        """One UNet evaluation with ``y = [text_embeds, embedded time_ids]``."""
+        return self.run(sample, timestep, context, c_concat, sdxl_adm_vector(text_embeds, time_ids))
 
 
 def sdxl_time_ids(request: GenerationRequest, width: int, height: int, *, refiner: bool, negative: bool) -> Tensor:
