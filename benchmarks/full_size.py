@@ -1,9 +1,11 @@
-"""Full-size SD 1.5 checkpoints with random weights, in the real single-file (LDM) layout.
+"""Full-size SD 1.5 and SDXL checkpoints with random weights, in the real single-file (LDM) layouts.
 
 No real weights can be downloaded here, so benchmarks and the slow tests write one: the
 state-dict names and shapes come from our own networks built on the meta device, under
 the prefixes real files use (``model.diffusion_model.``, ``first_stage_model.``,
-``cond_stage_model.transformer.text_model.``). Written once and cached.
+``cond_stage_model.transformer.text_model.``; SDXL: ``conditioner.embedders.0.transformer.``
+for CLIP-L and ``conditioner.embedders.1.model.`` for OpenCLIP bigG, whose names are written
+out here from open_clip's layout). SD 1.5 is written once and cached.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from latentrt.plugins.stable_diffusion.clip import CLIP_VIT_L, CLIPTextTransformer
-from latentrt.plugins.stable_diffusion.unet import SD1_UNET, UNet
+from latentrt.plugins.stable_diffusion.unet import SD1_UNET, SDXL_UNET, UNet
 from latentrt.plugins.stable_diffusion.vae import AutoencoderKL, VAEConfig
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -62,3 +64,79 @@ def cached_sd15(dtype: torch.dtype = torch.float32) -> Path:
     """The cached random SD 1.5 file, written on first use."""
     path = CACHE / f"sd15-random-{str(dtype).removeprefix('torch.')}.safetensors"
     return path if path.exists() else write_random_sd15(path, dtype)
+
+
+# --- SDXL base (sd_xl_base_1.0 layout) --------------------------------------------------------
+
+
+def openclip_text_shapes(
+    width: int, layers: int, mlp: int, *, vocab: int = 49408, context: int = 77, projection: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The tensors of an OpenCLIP ``TextTransformer`` as SD2/SDXL files store it, written out from
+    open_clip's module layout (independent of ``latentrt...keys.clip``): q, k, v stacked in
+    ``attn.in_proj_*``, ``text_projection`` as ``[width, projection]``, and ``logit_scale``."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embedding.weight": (vocab, width),
+        "positional_embedding": (context, width),
+        "ln_final.weight": (width,),
+        "ln_final.bias": (width,),
+        "logit_scale": (),
+    }
+    if projection is not None:
+        shapes["text_projection"] = (width, projection)
+    for n in range(layers):
+        block = f"transformer.resblocks.{n}."
+        shapes.update(
+            {
+                block + "ln_1.weight": (width,),
+                block + "ln_1.bias": (width,),
+                block + "attn.in_proj_weight": (3 * width, width),
+                block + "attn.in_proj_bias": (3 * width,),
+                block + "attn.out_proj.weight": (width, width),
+                block + "attn.out_proj.bias": (width,),
+                block + "ln_2.weight": (width,),
+                block + "ln_2.bias": (width,),
+                block + "mlp.c_fc.weight": (mlp, width),
+                block + "mlp.c_fc.bias": (mlp,),
+                block + "mlp.c_proj.weight": (width, mlp),
+                block + "mlp.c_proj.bias": (width,),
+            }
+        )
+    return shapes
+
+
+SDXL_BIG_G_PREFIX = "conditioner.embedders.1.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_PARTS = (
+    ("model.diffusion_model.", lambda: UNet(SDXL_UNET)),
+    ("first_stage_model.", lambda: AutoencoderKL(VAEConfig())),
+    (SDXL_CLIP_L_PREFIX, lambda: CLIPTextTransformer(CLIP_VIT_L)),
+)
+
+
+def sdxl_shapes() -> dict[str, tuple[int, ...]]:
+    """Every network tensor name and shape of an SDXL base single file: the UNet, VAE and CLIP-L from
+    our networks on the meta device, OpenCLIP bigG (32 layers of 1280, projection 1280) from
+    :func:`openclip_text_shapes`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, build in SDXL_PARTS:
+        with torch.device("meta"):
+            module = build()
+        shapes.update({prefix + name: tuple(t.shape) for name, t in module.state_dict().items()})
+    big_g = openclip_text_shapes(1280, 32, 5120, projection=1280)
+    shapes.update({SDXL_BIG_G_PREFIX + name: shape for name, shape in big_g.items()})
+    return shapes
+
+
+def write_random_sdxl(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """Write a random-weight SDXL base single file to ``path`` (about 6.9 GB in fp16), with CLIP-L's
+    int64 ``position_ids`` as real files carry them. Tensors are drawn one at a time, so memory
+    holds the file's tensors once (in ``dtype``) plus one float32 tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in sdxl_shapes().items():
+        tensors[name] = torch.randn(shape, generator=generator).mul_(0.02).to(dtype)
+    tensors[SDXL_CLIP_L_PREFIX + "embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

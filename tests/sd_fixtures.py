@@ -31,6 +31,22 @@ with one more random resblock (the layer SD2 drops) plus ``text_projection`` and
 ``keys.clip``). The v-prediction variant shares the eps model's files (hard links) with a
 ``v_prediction`` scheduler config in the folder and a sidecar ``.yaml`` saying
 ``parameterization: "v"`` next to the single file.
+
+SDXL (``tiny_sdxl``, ``build_tiny_sdxl``) builds a base and a refiner with SDXL's conventions at
+small widths: CLIP-L (2 layers of 128, quick_gelu) and bigG (``CLIPTextModelWithProjection``, 10
+layers of 192, gelu, projected to 96, ``!`` pads) whose contexts join to 320 channels; UNets
+with the ``text_time`` additional embedding (pooled + 6 x 256 time ids, the refiner's + 5 x 256),
+heads of 64 channels, linear projections, transformer depths (0, 1, 2) (base) and (0, 2, 2, 0)
+(refiner); the VAE of SD1's fixture with scaling factor 0.13025. bigG has 10 layers because
+detection reads ``conditioner.embedders.1.model.transformer.resblocks.9.*`` (refiner:
+``embedders.0``); the folder and the single file hold the same 10. The refiner shares bigG and
+the VAE with the base, as the real pair does. The single files use sgm's names: UNet and VAE as
+above, CLIP-L under ``conditioner.embedders.0.transformer.text_model.`` (with int64
+``position_ids``), bigG in the OpenCLIP layout under ``conditioner.embedders.1.model.``
+(``text_projection`` stored ``[width, dim]``, plus ``logit_scale``); no DDPM buffers. The
+folders are saved by diffusers' ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``
+(refiner: ``requires_aesthetics_score``, no zeroed negatives, as sd_xl_refiner's
+``model_index.json``).
 """
 
 from __future__ import annotations
@@ -59,23 +75,38 @@ __all__ = [
     "SCHEDULER_CONFIG",
     "SD2_TEXT_CONFIG",
     "SD2_UNET_CONFIG",
+    "SDXL_BIG_G_WIDTH",
+    "SDXL_CLIP_L_WIDTH",
+    "SDXL_POOLED",
+    "SDXL_REFINER_UNET_CONFIG",
+    "SDXL_TEXT_2_CONFIG",
+    "SDXL_TEXT_CONFIG",
+    "SDXL_UNET_CONFIG",
+    "SDXL_VAE_CONFIG",
     "TEXT_CONFIG",
     "UNET_CONFIG",
     "VAE_CONFIG",
     "TinySD",
+    "TinySDXL",
     "build_tiny_sd1",
     "build_tiny_sd2",
+    "build_tiny_sdxl",
     "diffusers_to_ldm_vae_reference",
     "hf_clip_tokenizer",
     "ldm_sd2_single_file_state",
+    "ldm_sdxl_single_file_state",
     "ldm_single_file_state",
     "randomize",
     "tiny_sd1",
     "tiny_sd2",
     "tiny_sd2_text_encoder",
+    "tiny_sdxl",
+    "tiny_sdxl_text_encoders",
+    "tiny_sdxl_vae",
     "tiny_text_encoder",
     "tiny_unet",
     "tiny_vae",
+    "transformers_to_openclip_projected",
     "transformers_to_openclip_reference",
     "write_clip_tokenizer_files",
 ]
@@ -563,3 +594,223 @@ def tiny_sd2(tmp_path_factory: pytest.TempPathFactory, *, v_prediction: bool = F
         else:
             _BUILT_SD2[key] = build_tiny_sd2(tmp_path_factory.mktemp("tiny-sd2"), seed=seed)
     return _BUILT_SD2[key]
+
+
+# --- SDXL -----------------------------------------------------------------------------------
+
+SDXL_CLIP_L_WIDTH, SDXL_BIG_G_WIDTH, SDXL_POOLED = 128, 192, 96
+SDXL_TEXT_CONFIG: dict[str, Any] = {
+    **TEXT_CONFIG,
+    "hidden_size": SDXL_CLIP_L_WIDTH,  # CLIP-L's conventions at a small width: 2 heads of 64, quick_gelu
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+}
+SDXL_TEXT_2_CONFIG: dict[str, Any] = {
+    **TEXT_CONFIG,
+    "hidden_size": SDXL_BIG_G_WIDTH,  # bigG's conventions: heads of 64, exact gelu, "!" pads, a projection
+    "num_hidden_layers": 10,  # detection reads conditioner.embedders.1.model.transformer.resblocks.9.*
+    "num_attention_heads": 3,
+    "intermediate_size": 384,
+    "hidden_act": "gelu",
+    "pad_token_id": 0,
+    "projection_dim": SDXL_POOLED,
+}
+SDXL_UNET_CONFIG: dict[str, Any] = {  # sd_xl_base's structure: no attention at the top level, depth growing below
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64, 128),
+    "down_block_types": (DOWN, CA_DOWN, CA_DOWN),
+    "up_block_types": (CA_UP, CA_UP, UP),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 1, 2),  # SDXL's (1, 2, 10); the middle block takes the last
+    "attention_head_dim": (1, 1, 2),  # diffusers counts heads here: SDXL's (5, 10, 20) = channels / 64
+    "use_linear_projection": True,
+    "cross_attention_dim": SDXL_CLIP_L_WIDTH + SDXL_BIG_G_WIDTH,  # CLIP-L and bigG contexts joined
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": SDXL_POOLED + 6 * 256,  # pooled + 6 time ids
+    "norm_num_groups": 32,
+}
+SDXL_REFINER_UNET_CONFIG: dict[str, Any] = {  # sd_xl_refiner's structure: four levels, attention in the middle two
+    **SDXL_UNET_CONFIG,
+    "block_out_channels": (32, 64, 128, 128),
+    "down_block_types": (DOWN, CA_DOWN, CA_DOWN, DOWN),
+    "up_block_types": (UP, CA_UP, CA_UP, UP),
+    "transformer_layers_per_block": 2,  # the refiner's 4
+    "attention_head_dim": (1, 1, 2, 2),
+    "cross_attention_dim": SDXL_BIG_G_WIDTH,  # bigG alone
+    "projection_class_embeddings_input_dim": SDXL_POOLED + 5 * 256,  # pooled + 5 time ids (aesthetic score)
+}
+SDXL_VAE_CONFIG: dict[str, Any] = {**VAE_CONFIG, "scaling_factor": 0.13025}
+
+
+@dataclass(frozen=True)
+class TinySDXL:
+    """One tiny SDXL base and its refiner, each in both layouts, and the diffusers components they were
+    written from. The refiner shares the base's bigG text encoder and VAE, as the real pair does."""
+
+    folder: Path
+    single_file: Path
+    refiner_folder: Path
+    refiner_single_file: Path
+    unet: Any
+    refiner_unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+
+    def scheduler(self) -> Any:
+        """A fresh ``EulerDiscreteScheduler`` from :data:`SCHEDULER_CONFIG` (linspace spacing)."""
+        import diffusers
+
+        return cast(Any, diffusers.EulerDiscreteScheduler).from_config(SCHEDULER_CONFIG)
+
+    def pipeline(self) -> Any:
+        """diffusers' ``StableDiffusionXLPipeline`` over the base's in-memory components (zeros for an
+        absent negative prompt: ``force_zeros_for_empty_prompt``, as sd_xl_base's model_index says)."""
+        import diffusers
+
+        pipe = cast(Any, diffusers.StableDiffusionXLPipeline)(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet,
+            scheduler=self.scheduler(),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def refiner_pipeline(self) -> Any:
+        """diffusers' ``StableDiffusionXLImg2ImgPipeline`` over the refiner, configured as sd_xl_refiner's
+        model_index.json is (aesthetic-score time ids, no zeroed negatives)."""
+        import diffusers
+
+        pipe = cast(Any, diffusers.StableDiffusionXLImg2ImgPipeline)(
+            vae=self.vae,
+            text_encoder=None,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.refiner_unet,
+            scheduler=self.scheduler(),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+@functools.cache
+def tiny_sdxl_text_encoders(seed: int) -> tuple[Any, Any]:
+    """A random CLIP-L-like ``CLIPTextModel`` (2 layers, width 128, quick_gelu) and a bigG-like
+    ``CLIPTextModelWithProjection`` (10 layers, width 192, gelu, projected to 96). Cached per seed."""
+    import transformers
+
+    clip_l = _text_encoder(SDXL_TEXT_CONFIG, seed)
+    config = transformers.CLIPTextConfig(**SDXL_TEXT_2_CONFIG)
+    big_g = _materialize(lambda: transformers.CLIPTextModelWithProjection(config)).eval()
+    for name, buffer in big_g.named_buffers():  # meta-built position ids need real values
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    randomize(big_g, seed + 1, bias_std=0.02)
+    return clip_l, big_g.requires_grad_(False)
+
+
+def tiny_sdxl_vae(seed: int) -> Any:
+    """:func:`tiny_vae`'s network with SDXL's scaling factor (0.13025) in its config."""
+    import diffusers
+
+    vae = _materialize(lambda: cast(Any, diffusers.AutoencoderKL)(**SDXL_VAE_CONFIG)).eval()
+    randomize(vae, seed)
+    _scale_output(vae.decoder.conv_out, 0.3)
+    return vae.requires_grad_(False)
+
+
+def transformers_to_openclip_projected(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A ``CLIPTextModelWithProjection`` in OpenCLIP names: :func:`transformers_to_openclip_reference`
+    plus ``text_projection`` (``[width, dim]``, applied as ``x @ P``: the Linear weight transposed)
+    and ``logit_scale``, as SDXL files store bigG."""
+    rest = {key: tensor for key, tensor in state.items() if key != "text_projection.weight"}
+    text = transformers_to_openclip_reference(rest)
+    text["text_projection"] = state["text_projection.weight"].t().contiguous()
+    text["logit_scale"] = torch.tensor(math.log(100.0))
+    return text
+
+
+def ldm_sdxl_single_file_state(unet: Any, vae: Any, text_encoder: Any | None, text_encoder_2: Any) -> dict[str, Tensor]:
+    """The state dict of an SDXL single file (sgm layout): base with ``text_encoder`` (CLIP-L under
+    ``conditioner.embedders.0.transformer.``, bigG under ``conditioner.embedders.1.model.``), or the
+    refiner when ``text_encoder`` is None (bigG alone, as ``conditioner.embedders.0.model.``)."""
+    state: dict[str, Tensor] = {}
+    for key, tensor in diffusers_to_ldm_unet(unet.state_dict()).items():
+        state["model.diffusion_model." + key] = tensor
+    levels = len(vae.config.block_out_channels)
+    for key, tensor in diffusers_to_ldm_vae_reference(vae.state_dict(), levels).items():
+        state["first_stage_model." + key] = tensor
+    big_g_prefix = "conditioner.embedders.0.model."
+    if text_encoder is not None:
+        big_g_prefix = "conditioner.embedders.1.model."
+        for key, tensor in text_encoder.state_dict().items():
+            name = key if key.startswith("text_model.") else "text_model." + key
+            state["conditioner.embedders.0.transformer." + name] = tensor
+        state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    for key, tensor in transformers_to_openclip_projected(text_encoder_2.state_dict()).items():
+        state[big_g_prefix + key] = tensor
+    return {key: tensor.contiguous() for key, tensor in state.items()}
+
+
+def _save_sdxl_folder(pipeline: Any, folder: Path, tokenizers: tuple[str, ...]) -> None:
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    for name in tokenizers:  # transformers 5 saves only tokenizer.json; SDXL repositories also ship the BPE tables
+        write_clip_tokenizer_files(folder / name)
+
+
+def build_tiny_sdxl(tmp_path: Path, *, seed: int = 0) -> TinySDXL:
+    """Build a tiny SDXL base and refiner under ``tmp_path``, each as a diffusers folder and a single file."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    unet = tiny_unet(seed + 300, config=SDXL_UNET_CONFIG)
+    refiner_unet = tiny_unet(seed + 310, config=SDXL_REFINER_UNET_CONFIG)
+    vae = tiny_sdxl_vae(seed + 301)
+    text_encoder, text_encoder_2 = tiny_sdxl_text_encoders(seed + 302)
+    files = write_clip_tokenizer_files(tmp_path / "tokenizer-files")
+    tokenizer, tokenizer_2 = _hf_tokenizer(files), _hf_tokenizer(files, pad_token="!")
+    folder, refiner_folder = tmp_path / "tiny-sdxl", tmp_path / "tiny-sdxl-refiner"
+    parts: dict[str, Any] = {
+        "folder": folder,
+        "single_file": tmp_path / "tiny-sdxl.safetensors",
+        "refiner_folder": refiner_folder,
+        "refiner_single_file": tmp_path / "tiny-sdxl-refiner.safetensors",
+    }
+    tiny = TinySDXL(
+        **parts,
+        unet=unet,
+        refiner_unet=refiner_unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+    )
+    _save_sdxl_folder(tiny.pipeline(), folder, ("tokenizer", "tokenizer_2"))
+    _save_sdxl_folder(tiny.refiner_pipeline(), refiner_folder, ("tokenizer_2",))
+    save_file(ldm_sdxl_single_file_state(unet, vae, text_encoder, text_encoder_2), str(tiny.single_file))
+    save_file(ldm_sdxl_single_file_state(refiner_unet, vae, None, text_encoder_2), str(tiny.refiner_single_file))
+    return tiny
+
+
+_BUILT_SDXL: dict[int, TinySDXL] = {}
+
+
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory, *, seed: int = 0) -> TinySDXL:
+    """:func:`build_tiny_sdxl`, built once per test session (cached in this process)."""
+    if seed not in _BUILT_SDXL:
+        _BUILT_SDXL[seed] = build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"), seed=seed)
+    return _BUILT_SDXL[seed]

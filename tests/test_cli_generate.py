@@ -102,7 +102,7 @@ def test_refiner_must_be_a_refiner(tiny: TinySD, tmp_path: Path, capsys: pytest.
     out = tmp_path / "out.png"
     argv = ["generate", "a cat", "--checkpoint", str(tiny.single_file), "--refiner", str(tiny.single_file)]
     assert main([*argv, "--steps", "2", "--output", str(out)]) == 2
-    assert "is a sd1 checkpoint, not a refiner for the sd1 model" in capsys.readouterr().err
+    assert "is a sd1 model, not a refiner for the sd1 model" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -222,9 +222,12 @@ def test_refiner_handoff_after_the_switch_fraction() -> None:
 
     base.model.denoiser.backbone = spy("base", backbone)  # type: ignore[attr-defined]
     refiner.model.denoiser.backbone = spy("refiner", lambda *a, **k: 0.5 * backbone(*a, **k))  # type: ignore[attr-defined]
+    refiner.model.family = "fake_refiner"
     pipe = Pipeline(base.model, progress=False, refiner=refiner.model)
     handed = pipe("a cat", seed=1, steps=5, refiner_switch_at=0.6)
     assert calls == ["base"] * 3 + ["refiner"] * 2
     assert not torch.equal(handed.latents, pipe("a cat", seed=1, steps=5).latents)
     with pytest.raises(InvalidRequest, match="needs a refiner"):
         base("a cat", seed=1, steps=5, refiner_switch_at=0.5)
+    with pytest.raises(InvalidRequest, match="is a fake model, not a refiner for the fake model"):
+        Pipeline(base.model, refiner=base.model)

@@ -120,8 +120,4 @@ def load(
     if refiner is not None:
         refiner_checkpoint = open_checkpoint(refiner)
         refiner_model = _family_for(refiner_checkpoint, plugins)(refiner_checkpoint, **{**options, "vae": None})
-        if refiner_model.family != f"{model.family}_refiner":
-            raise InvalidRequest(
-                f"{refiner}: is a {refiner_model.family} checkpoint, not a refiner for the {model.family} model {path}"
-            )
     return Pipeline(model, plugins, progress=progress, refiner=refiner_model)

@@ -216,6 +216,10 @@ class Pipeline:
     def __init__(
         self, model: Model, plugins: Registry | None = None, *, progress: bool = True, refiner: Model | None = None
     ) -> None:
+        if refiner is not None and refiner.family != f"{model.family}_refiner":
+            raise InvalidRequest(
+                f"{refiner.name} is a {refiner.family} model, not a refiner for the {model.family} model {model.name}"
+            )
         self.model = model
         self.refiner = refiner
         self._registry = plugins

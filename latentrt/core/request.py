@@ -104,10 +104,14 @@ class GenerationRequest:
             raise InvalidRequest("a mask needs an init image: pass init_image= (the picture to inpaint)")
         if self.refiner_switch_at is not None:
             _check_float("refiner_switch_at", self.refiner_switch_at, 0.0, 1.0)
-        for name in ("original_size", "target_size", "crop"):
+        for name, meaning in (
+            ("original_size", "width, height"),
+            ("target_size", "width, height"),
+            ("crop", "top, left"),
+        ):
             value = getattr(self, name)
             if value is not None and (len(value) != 2 or not all(isinstance(v, int) and v >= 0 for v in value)):
-                raise InvalidRequest(f"{name} must be two integers >= 0 (width, height), got {value!r}")
+                raise InvalidRequest(f"{name} must be two integers >= 0 ({meaning}), got {value!r}")
         if not isinstance(self.seed, int) or not -1 <= self.seed < 2**32:
             raise InvalidRequest(f"seed must be -1 (random) or an integer in 0..2**32-1, got {self.seed!r}")
         self.prompts()
