@@ -20,7 +20,6 @@ diffusers' ``encode_prompt`` exactly (0.0; padding with EOS instead of "!" would
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from sd_fixtures import TinySD, diffusers_to_ldm_vae_reference, tiny_sd2
+from sd_parity import HEIGHT, SEEDS, WIDTH, Run, assert_identical, assert_same, states
 from torch import Tensor
 
 import latentrt
@@ -38,24 +38,10 @@ from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-WIDTH, HEIGHT = 96, 64  # not square: catches transposes
 STEPS, CFG = 10, 7.0
-SEEDS = [1234, 1235]
 PROMPT, NEGATIVE = "a photo of a cat, best quality", "blurry, lowres"
-PIXEL_TOL = 1  # uint8 levels
-# Final latents: measured 1.1e-4 (eps, std 15.3: 7e-6 relative) and 1.9e-5 (v, std 1.0); float32
-# summation order only (test_sd_pipeline's reasons); the same bound as SD1's parity tests.
-LATENT_TOL = 1e-3
 CONTEXT_TOL = 1e-4  # text encoder output vs diffusers' encode_prompt (the issue's unit tolerance); measured 0.0
 EXTRA_RESBLOCK = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
-
-
-@dataclass(frozen=True)
-class Run:
-    """Decoded images as one ``[batch, height, width, 3]`` uint8 array, and the final latents."""
-
-    images: np.ndarray[Any, np.dtype[np.uint8]]
-    latents: Tensor
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +68,6 @@ def from_folder(tiny: TinySD) -> Pipeline:
 def _no_grad() -> Iterator[None]:
     with torch.no_grad():
         yield
-
-
-def states(pipeline: Pipeline) -> dict[str, dict[str, Tensor]]:
-    """Our loaded UNet, VAE and text encoder state dicts."""
-    model: Any = pipeline.model
-    return {
-        "unet": model.denoiser.backbone.unet.state_dict(),
-        "vae": model.vae.state_dict(),
-        "text": model.text_encoder.model.state_dict(),
-    }
-
-
-def assert_identical(a: dict[str, Tensor], b: dict[str, Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(a.keys() ^ b.keys())[:5]}"
-    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k].reshape(a[k].shape))]
-    assert not different, f"{what}: {len(different)} tensors differ, first {different[:5]}"
 
 
 def run_diffusers(model: TinySD) -> Run:
@@ -145,18 +115,6 @@ def diffusers_sigmas(model: TinySD) -> Tensor:
     scheduler.set_timesteps(STEPS)
     sigmas: Tensor = scheduler.sigmas.clone()
     return sigmas
-
-
-def assert_same(reference: Run, got: Run) -> None:
-    """Images within 1/255, latents within LATENT_TOL, and neither trivial."""
-    assert got.images.shape == reference.images.shape == (len(SEEDS), HEIGHT, WIDTH, 3)
-    saturated = float(np.isin(reference.images, (0, 255)).mean())
-    assert saturated < 0.05, f"{saturated:.0%} of the reference pixels are clipped: the comparison would be weak"
-    assert reference.images.std() > 10
-    assert not np.array_equal(reference.images[0], reference.images[1])  # the two seeds differ
-    pixels = int(np.abs(reference.images.astype(np.int16) - got.images.astype(np.int16)).max())
-    latents = float((reference.latents.float() - got.latents.float()).abs().max())
-    assert pixels <= PIXEL_TOL and latents <= LATENT_TOL, f"max pixel diff {pixels}, max latent diff {latents:.2e}"
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from sd_fixtures import TinySD, diffusers_to_ldm_vae_reference, tiny_sd1, tiny_vae
+from sd_parity import assert_identical, states
 from torch import Tensor
 
 import latentrt
@@ -57,22 +58,6 @@ def ldm_state(tiny: TinySD) -> dict[str, Tensor]:
 def _no_grad() -> Iterator[None]:
     with torch.no_grad():
         yield
-
-
-def states(pipeline: Pipeline) -> dict[str, dict[str, Tensor]]:
-    """Our loaded UNet, VAE and text encoder state dicts."""
-    model: Any = pipeline.model
-    return {
-        "unet": model.denoiser.backbone.unet.state_dict(),
-        "vae": model.vae.state_dict(),
-        "text": model.text_encoder.model.state_dict(),
-    }
-
-
-def assert_identical(a: dict[str, Tensor], b: dict[str, Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(a.keys() ^ b.keys())[:5]}"
-    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k].reshape(a[k].shape))]
-    assert not different, f"{what}: {len(different)} tensors differ, first {different[:5]}"
 
 
 def generate(pipeline: Pipeline) -> Tensor:

@@ -4,7 +4,7 @@ Both sides load the same tiny model (``sd_fixtures``): diffusers runs on its in-
 components, latentrt loads the saved diffusers folder. Seeds follow diffusers' convention:
 ``generator=[torch.Generator().manual_seed(s) for s in seeds]`` there, ``seed=seeds[0],
 batch_size=2`` here. Every case compares the decoded uint8 images (max abs difference
-<= 1, i.e. 1/255 per pixel) and the final latents (``LATENT_TOL`` below, absolute; txt2img
+<= 1, i.e. 1/255 per pixel) and the final latents (``LATENT_TOL`` in sd_parity.py, absolute; txt2img
 latents have a std of about 16, as the random UNet's eps predictions are not unit-scale noise).
 
 diffusers' ``EulerDiscreteScheduler`` is configured with ``timestep_spacing="linspace"``
@@ -15,7 +15,6 @@ diffusers' ``EulerDiscreteScheduler`` is configured with ``timestep_spacing="lin
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from sd_fixtures import TinySD, tiny_sd1
+from sd_parity import HEIGHT, SEEDS, WIDTH, Run, assert_same
 from torch import Tensor
 
 import latentrt
@@ -31,23 +31,8 @@ from latentrt.core.pipeline import GenerationResult, Pipeline
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-WIDTH, HEIGHT = 96, 64  # latent 12 x 8 with the tiny VAE's downscale of 8 (not square: catches transposes)
 STEPS, CFG = 10, 7.0
-SEEDS = [1234, 1235]
 PROMPT, NEGATIVE = "a photo of a cat, best quality", "blurry, lowres"
-PIXEL_TOL = 1  # uint8 levels
-# Final latents (std 1.3 to 20): measured max abs differences 1e-5 to 1.4e-4 (ancestral, 9-channel
-# inpainting, resized inputs); float32 summation order differs ([cond; uncond] vs diffusers'
-# [uncond; cond], CFG applied to eps recovered from x0, a float64 vs float32 sigma table).
-LATENT_TOL = 1e-3
-
-
-@dataclass(frozen=True)
-class Run:
-    """Decoded images as one ``[batch, height, width, 3]`` uint8 array, and the final latents."""
-
-    images: np.ndarray[Any, np.dtype[np.uint8]]
-    latents: Tensor
 
 
 @pytest.fixture(scope="module")
@@ -128,27 +113,6 @@ def run_ours(pipeline: Pipeline, **kwargs: Any) -> Run:
     )
     assert result.seeds == SEEDS
     return Run(np.stack([np.asarray(image) for image in result.images]), result.latents)
-
-
-def pixel_diff(a: Run, b: Run) -> int:
-    return int(np.abs(a.images.astype(np.int16) - b.images.astype(np.int16)).max())
-
-
-def latent_diff(a: Run, b: Run) -> float:
-    return float((a.latents.float() - b.latents.float()).abs().max())
-
-
-def assert_same(reference: Run, got: Run) -> None:
-    """Images within 1/255, latents within LATENT_TOL, and neither trivial."""
-    assert got.images.shape == reference.images.shape == (len(SEEDS), HEIGHT, WIDTH, 3)
-    saturated = float(np.isin(reference.images, (0, 255)).mean())
-    assert saturated < 0.05, f"{saturated:.0%} of the reference pixels are clipped: the comparison would be weak"
-    assert reference.images.std() > 10
-    assert not np.array_equal(reference.images[0], reference.images[1])  # the two seeds differ
-    diffs = (pixel_diff(reference, got), latent_diff(reference, got))
-    assert diffs[0] <= PIXEL_TOL and diffs[1] <= LATENT_TOL, (
-        f"max pixel diff {diffs[0]}, max latent diff {diffs[1]:.2e}"
-    )
 
 
 def sigmas_of(scheduler: Any, steps: int = STEPS) -> Tensor:

@@ -49,6 +49,16 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from sd_fixtures import SDXL_POOLED, TinySDXL, diffusers_to_ldm_vae_reference, tiny_sd1, tiny_sdxl
+from sd_parity import (
+    HEIGHT,
+    SEEDS,
+    WIDTH,
+    Run,
+    assert_identical,
+    assert_same,
+    latent_diff,
+    states,
+)
 from torch import Tensor
 
 import latentrt
@@ -76,22 +86,10 @@ from full_size import SDXL_BIG_G_PREFIX, sdxl_shapes
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-WIDTH, HEIGHT = 96, 64  # not square: catches (width, height) vs (height, width) mix-ups
 STEPS = 10
-SEEDS = [1234, 1235]
 PROMPT = "a photo of a cat, best quality"
-PIXEL_TOL = 1  # uint8 levels
-LATENT_TOL = 1e-3  # measured 6.1e-5 to 1.6e-4 at latent stds of 16 to 21
 UNET_TOL = 1e-4  # the issue's tolerance; measured 1.2e-6 and 2.1e-6
 SWITCH = 0.8  # refiner_switch_at / denoising_end / denoising_start
-
-
-@dataclass(frozen=True)
-class Run:
-    """Decoded images as one ``[batch, height, width, 3]`` uint8 array, and the final latents."""
-
-    images: np.ndarray[Any, np.dtype[np.uint8]]
-    latents: Tensor
 
 
 @dataclass(frozen=True)
@@ -166,37 +164,6 @@ def run_ours(pipeline: Pipeline, **kwargs: Any) -> Run:
     )
     assert result.seeds == SEEDS
     return Run(as_array(result.images), result.latents)
-
-
-def latent_diff(a: Run, b: Run) -> float:
-    return float((a.latents.float() - b.latents.float()).abs().max())
-
-
-def assert_same(reference: Run, got: Run) -> None:
-    """Images within 1/255, latents within LATENT_TOL, and neither trivial."""
-    assert got.images.shape == reference.images.shape == (len(SEEDS), HEIGHT, WIDTH, 3)
-    saturated = float(np.isin(reference.images, (0, 255)).mean())
-    assert saturated < 0.05, f"{saturated:.0%} of the reference pixels are clipped: the comparison would be weak"
-    assert reference.images.std() > 10
-    assert not np.array_equal(reference.images[0], reference.images[1])  # the two seeds differ
-    pixels = int(np.abs(reference.images.astype(np.int16) - got.images.astype(np.int16)).max())
-    latents = latent_diff(reference, got)
-    assert pixels <= PIXEL_TOL and latents <= LATENT_TOL, f"max pixel diff {pixels}, max latent diff {latents:.2e}"
-
-
-def states(pipeline: Pipeline) -> dict[str, dict[str, Tensor]]:
-    """Our loaded UNet, VAE and text encoder branches' state dicts."""
-    model: Any = pipeline.model
-    parts = {"unet": model.denoiser.backbone.unet.state_dict(), "vae": model.vae.state_dict()}
-    for index, branch in enumerate(model.text_encoder.branches):
-        parts[f"text{index}"] = branch.model.state_dict()
-    return parts
-
-
-def assert_identical(a: dict[str, Tensor], b: dict[str, Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: keys differ: {sorted(a.keys() ^ b.keys())[:5]}"
-    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k].reshape(a[k].shape))]
-    assert not different, f"{what}: {len(different)} tensors differ, first {different[:5]}"
 
 
 def text_state(model: Any) -> dict[str, Tensor]:
