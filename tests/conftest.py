@@ -24,6 +24,18 @@ def kdiff() -> types.ModuleType:
 
 
 @pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test: tiny models gain nothing from intra-op threads and
+    lose a lot on a busy machine (use with ``pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def registry() -> Iterator[Registry]:
     """The built-in registry, loaded fresh for the test."""
     reset_registry()

@@ -50,13 +50,7 @@ VOCAB, EOS, BOS = 1000, 999, 998
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_config(activation: Activation, *, layers: int = 3, projection: int = 64) -> object:

@@ -7,12 +7,12 @@ into both (converted through ``keys.vae``) and the outputs compared in float32.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from sd_fixtures import randomize
 from torch import Tensor, nn
 
 from latentrt.core.errors import CheckpointError, InvalidRequest, LatentRTError
@@ -56,16 +56,7 @@ def _tiny_diffusers(layers_per_block: int = 2, seed: int = 0) -> Any:
         norm_num_groups=32,
         sample_size=32,
     ).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
+    randomize(vae, seed)
     return vae
 
 

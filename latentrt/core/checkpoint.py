@@ -173,12 +173,11 @@ class SafetensorsFile(_ListedSource):
         return _SAFETENSORS_DTYPES[name]
 
 
-class TorchPickleFile(TensorSource):
+class TorchPickleFile(TensorDict):
     """A ``.ckpt``/``.pt`` file read with ``torch.load(weights_only=True)``: tensors only, never code."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.description = str(path)
         warnings.warn(
             f"{path.name}: pickle checkpoints are read with weights_only=True (no code is run); "
             "prefer .safetensors, which loads faster and without a copy",
@@ -193,16 +192,7 @@ class TorchPickleFile(TensorSource):
                 "it may be truncated, or hold pickled objects latentrt refuses to unpickle — convert it to "
                 ".safetensors"
             ) from exc
-        self._tensors = _tensor_dict(loaded, path)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._tensors[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
+        super().__init__(_tensor_dict(loaded, path), str(path))
 
 
 def _tensor_dict(loaded: object, path: Path) -> dict[str, Tensor]:
