@@ -4,6 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.latentrt-installed
+CORE   := $(VENV)/.latentrt-core-installed
 
 .PHONY: install demo test test-all bench lint clean
 
@@ -12,16 +13,21 @@ $(PY):
 
 # torch first, pinned to the CPU wheel this machine carries; an unpinned torch would pull
 # a multi-GB CUDA build. pyproject keeps a broad range for users.
-$(STAMP): pyproject.toml Makefile | $(PY)
+# `make demo` needs the package alone; `make test` adds the dev extra (test references).
+$(CORE): pyproject.toml Makefile | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps 'k-diffusion==0.1.1.post1'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: install
-	$(VENV)/bin/latentrt demo --out demo.png
+demo: $(CORE)
+	$(VENV)/bin/latentrt demo --out demo.png --grid demo-grid.png
 
 test: install
 	$(PY) -m pytest -q
@@ -32,11 +38,12 @@ test-all: install
 bench: install
 	$(PY) benchmarks/sampler_overhead.py
 	cd benchmarks && ../$(PY) load_memory.py
+	$(PY) benchmarks/service_throughput.py
 
 lint: install
-	$(PY) -m ruff check latentrt tests examples benchmarks
-	$(PY) -m ruff format --check latentrt tests examples benchmarks
+	$(PY) -m ruff check latentrt tests examples benchmarks tools
+	$(PY) -m ruff format --check latentrt tests examples benchmarks tools
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo.png
+	rm -rf $(VENV) build *.egg-info demo.png demo-grid.png sampler-demo.png

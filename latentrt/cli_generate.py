@@ -18,6 +18,7 @@ from latentrt.core.loader import load
 from latentrt.core.parameters import parse_parameters, read_png_parameters, save_png
 from latentrt.core.registry import registry
 from latentrt.core.request import GenerationRequest
+from latentrt.plugins.demo.family import DEMO_MODEL_NAME
 
 __all__ = ["add_generate_parser", "add_info_parser", "output_paths"]
 
@@ -87,7 +88,7 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if args.from_png:
         fields, model_name = _png_settings(args.from_png)
-        if args.checkpoint is None:
+        if args.checkpoint is None and model_name != DEMO_MODEL_NAME:
             raise InvalidRequest(f"{args.from_png} was made with model {model_name!r}: pass --checkpoint PATH to it")
         if "strength" in fields and args.init_image is None:
             logger.warning("%s is an img2img result: pass --init-image to regenerate it exactly", args.from_png)
@@ -123,8 +124,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if fields.get(name) is not None and fields[name] % 8:
             value = fields[name]
             raise InvalidRequest(f"--{name} must be a multiple of 8, got {value}; try {max(8, value - value % 8)}")
-    if args.checkpoint is None:
-        raise InvalidRequest("no --checkpoint given: pass the path of a .safetensors file or a diffusers folder")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        print("no --checkpoint given: using the built-in demo model (64x64 coloured shapes; see README)")
+        checkpoint = "demo"
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise InvalidRequest(f"--output must end in .png, got {output}")
@@ -135,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = GenerationRequest(**fields, init_image=init, mask=mask)
     request.validate()
     pipeline = load(
-        args.checkpoint,
+        checkpoint,
         vae=args.vae,
         device=args.device,
         dtype=args.dtype,

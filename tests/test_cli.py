@@ -33,7 +33,7 @@ def test_plugins_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_demo_writes_a_png(tmp_path: Path) -> None:
     out = tmp_path / "demo.png"
-    assert main(["demo", "--out", str(out), "--samplers", "euler", "Euler a", "--images", "2", "--quiet"]) == 0
+    assert main(["sampler-demo", "--out", str(out), "--samplers", "euler", "Euler a", "--images", "2", "--quiet"]) == 0
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == (130 + 2 * 96, 2 * 96)
@@ -43,7 +43,7 @@ def test_demo_writes_a_png(tmp_path: Path) -> None:
 
 def test_unknown_sampler_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.png"
-    assert main(["demo", "--out", str(out), "--samplers", "eulr", "--quiet"]) == 2
+    assert main(["sampler-demo", "--out", str(out), "--samplers", "eulr", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("latentrt: error: unknown sampler 'eulr'") and "\n" not in err
     assert "did you mean 'euler'" in err
@@ -51,7 +51,10 @@ def test_unknown_sampler_is_one_line_error(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_non_png_output_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path / "demo.jpg"), "--samplers", "euler", "--quiet", "--images", "1"]) == 2
+    assert (
+        main(["sampler-demo", "--out", str(tmp_path / "demo.jpg"), "--samplers", "euler", "--quiet", "--images", "1"])
+        == 2
+    )
     assert "must be a .png" in capsys.readouterr().err
 
 
@@ -65,8 +68,8 @@ def test_version_from_a_subprocess() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["demo", "--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
-        (["demo", "--images", "two"], "argument --images: must be an integer >= 1, got 'two'"),
+        (["sampler-demo", "--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+        (["sampler-demo", "--images", "two"], "argument --images: must be an integer >= 1, got 'two'"),
         (["frob"], "invalid choice: 'frob'"),
         (["generate", "x", "--crop", "8"], "argument --crop: expected two integers like 0,0, got '8'"),
         (["generate", "x", "--original-size", "64"], "argument --original-size: expected two integers"),

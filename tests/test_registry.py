@@ -423,7 +423,7 @@ def test_env_block_plugins(
     reg = build_registry()
     assert "fake_sampler" in reg.samplers
     assert dict(reg.schedulers) == {}
-    assert reg.plugins == [SAMPLERS_PLUGIN, "latentrt.stable_diffusion", "fake"]
+    assert reg.plugins == [SAMPLERS_PLUGIN, "latentrt.stable_diffusion", "latentrt.demo", "fake"]
     monkeypatch.setenv("LATENTRT_BLOCK_PLUGINS", "broken,fake,latentrt.samplers")
     reg = build_registry()
     assert dict(reg.samplers) == {}

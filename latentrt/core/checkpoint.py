@@ -356,12 +356,14 @@ def check_tensors(
     *,
     allow_unexpected: Iterable[str] = (),
     limit: int = 5,
+    integer: Iterable[str] = (),
 ) -> None:
     """Refuse ``source`` unless it holds exactly the ``expected`` names and shapes.
 
     The message names the file, the component, and the first ``limit`` missing,
     unexpected and misshapen tensors with what was expected. ``allow_unexpected`` lists
     name prefixes that may be present and are ignored (EMA copies, ``model_ema.``, ...).
+    Every tensor must be floating-point except those named in ``integer``, which must not be.
     """
     allowed = tuple(allow_unexpected)
     label = _labeller(source)
@@ -379,9 +381,11 @@ def check_tensors(
             problems.append(f"{len(items)} {kind}: {', '.join(items[:limit])}{more}")
     if problems:
         raise CheckpointError(f"{describe(source)}: not a valid {what}: {'; '.join(problems)}")
+    integers = set(integer)
     for key in expected:
-        if not dtype_of(source, key).is_floating_point:
-            raise CheckpointError(f"{describe(source)}: {what} tensor {key!r} is {dtype_of(source, key)}, not a float")
+        wanted = "an integer" if key in integers else "a float"
+        if dtype_of(source, key).is_floating_point == (key in integers):
+            raise CheckpointError(f"{describe(source)}: {what} tensor {key!r} is {dtype_of(source, key)}, not {wanted}")
 
 
 def _labeller(source: Mapping[str, Tensor]) -> Callable[[str], str]:
@@ -423,11 +427,18 @@ def load_module(
     """
     with torch.device("meta"):
         module = build()
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    check_tensors(weights, expected, what, allow_unexpected=allow_unexpected)
-    state = {name: _own_storage(weights[name].to(device=device, dtype=dtype)) for name in weights if name in expected}
+    own = module.state_dict()
+    expected = {name: tuple(t.shape) for name, t in own.items()}
+    integer = [name for name, t in own.items() if not t.is_floating_point()]
+    check_tensors(weights, expected, what, allow_unexpected=allow_unexpected, integer=integer)
+    state = {name: _own_storage(_convert(weights[name], device, dtype)) for name in weights if name in expected}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def _convert(tensor: Tensor, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
+    """``tensor`` on ``device``; floating-point tensors also in ``dtype`` (integer buffers keep theirs)."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -12,7 +12,7 @@ from latentrt.core.errors import CheckpointError, InvalidRequest, PluginError
 from latentrt.core.pipeline import Model, Pipeline
 from latentrt.core.registry import Registry, registry
 
-__all__ = ["DTYPES", "ModelFamily", "load", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "ModelFamily", "builtin_checkpoint", "load", "resolve_device", "resolve_dtype"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -85,6 +85,26 @@ def _identify(family: ModelFamily, checkpoint: Checkpoint) -> str | None:
     return None if identify is None else cast(str | None, identify(checkpoint))
 
 
+def builtin_checkpoint(path: str | Path, plugins: Registry) -> Path:
+    """``path``, or the weights a model family ships when ``path`` names it (``"demo"``).
+
+    A family offers built-in weights through a ``builtin`` attribute (a path). An existing
+    file or folder of the same name wins, so a local ``./demo`` still loads as a path.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.exists() or not isinstance(path, str):
+        return candidate
+    spec = plugins.find_model_family(path)
+    builtin = getattr(spec.factory, "builtin", None) if spec is not None else None
+    if spec is None or builtin is None:
+        return candidate
+    if not Path(builtin).is_file():
+        raise CheckpointError(
+            f"the built-in {spec.name!r} weights are missing ({builtin}); reinstall latentrt or run tools/train_demo.py"
+        )
+    return Path(builtin)
+
+
 def load(
     path: str | Path,
     *,
@@ -98,6 +118,9 @@ def load(
     progress: bool = True,
 ) -> Pipeline:
     """Load a single-file checkpoint or diffusers folder (optionally a separate VAE) into a Pipeline.
+
+    ``path`` may also name a family's built-in weights: ``load("demo")`` is the small model
+    shipped with latentrt.
 
     ``prediction`` (``"eps"``/``"v"``) overrides what a sidecar ``.yaml`` or the diffusers
     scheduler config says; weights alone cannot tell. ``vae_tiling`` encodes and decodes
@@ -114,7 +137,7 @@ def load(
         "prediction": prediction,
         "vae_tiling": vae_tiling,
     }
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(builtin_checkpoint(path, plugins))
     model = _family_for(checkpoint, plugins)(checkpoint, **options)
     refiner_model = None
     if refiner is not None:

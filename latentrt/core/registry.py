@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("latentrt.samplers", "latentrt.plugins.samplers"),
     ("latentrt.schedules", "latentrt.plugins.schedules"),
     ("latentrt.stable_diffusion", "latentrt.plugins.stable_diffusion"),
+    ("latentrt.demo", "latentrt.plugins.demo"),
 )
 """(plugin name, module) of the plugins that ship with latentrt."""
 
@@ -348,6 +349,10 @@ class Registry:
     def model_family(self, name: str) -> ComponentSpec:
         """The model family called ``name``."""
         return self._components["model family"].get(name)
+
+    def find_model_family(self, name: str) -> ComponentSpec | None:
+        """The model family called ``name`` (or an alias), or None: a lookup that may miss."""
+        return self._components["model family"].find(name)
 
     def exporter(self, name: str) -> ComponentSpec:
         """The exporter called ``name``."""

@@ -41,7 +41,7 @@ COLOURS: dict[str, RGB] = {
 }
 """Colour name -> fixed RGB value, for shapes and backgrounds alike."""
 
-SIZES: dict[str, float] = {"small": 0.08, "medium": 0.12, "large": 0.17}
+SIZES: dict[str, float] = {"small": 0.11, "medium": 0.15, "large": 0.19}
 """Size name -> shape radius as a fraction of the image side."""
 
 REGIONS: dict[str, tuple[int, int]] = {
@@ -85,6 +85,12 @@ TEMPLATES: tuple[str, ...] = (
 _CENTRES = (0.2, 0.5, 0.8)  # cell centres along each axis, as fractions of the side
 MAX_OFFSET = 0.04
 """Largest shift of a shape from its cell centre, per axis, as a fraction of the image side."""
+RING_WIDTH = 0.4
+"""A ring's stroke width as a fraction of its radius."""
+SQUARE_HALF_SIDE = 0.85
+"""Half a square's side as a fraction of its bounding radius."""
+STAR_INNER = 0.5
+"""A star's inner radius as a fraction of its outer radius."""
 _MARGIN = 2  # pixels kept between the shape's bounding circle and the image edge
 
 
@@ -148,7 +154,7 @@ def shape_geometry(spec: ShapeSample, size: int = 64) -> tuple[float, float, flo
 def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     points = []
     for k in range(10):
-        radius = r if k % 2 == 0 else 0.45 * r
+        radius = r if k % 2 == 0 else STAR_INNER * r
         angle = -math.pi / 2 + k * math.pi / 5
         points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
     return points
@@ -157,24 +163,27 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 def render(spec: ShapeSample, size: int = 64) -> Image.Image:
     """Draw ``spec`` as a ``size`` x ``size`` RGB image (no antialiasing: two colours exactly)."""
     image = Image.new("RGB", (size, size), COLOURS[spec.background])
-    draw = ImageDraw.Draw(image)
-    fill = COLOURS[spec.colour]
     cx, cy, r = shape_geometry(spec, size)
-    if spec.shape == "circle":
+    draw_shape(ImageDraw.Draw(image), spec.shape, cx, cy, r, COLOURS[spec.colour])
+    return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: RGB) -> None:
+    """Draw one ``shape`` centred at ``(cx, cy)`` with bounding radius ``r`` pixels."""
+    if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif spec.shape == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(2, round(0.35 * r)))
-    elif spec.shape == "square":
-        h = 0.85 * r
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(2, round(RING_WIDTH * r)))
+    elif shape == "square":
+        h = SQUARE_HALF_SIDE * r
         draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-    elif spec.shape == "triangle":
+    elif shape == "triangle":
         angles = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
         draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles], fill=fill)
-    elif spec.shape == "star":
+    elif shape == "star":
         draw.polygon(_star(cx, cy, r), fill=fill)
     else:
-        raise ValueError(f"unknown shape {spec.shape!r}; expected one of {', '.join(SHAPE_NAMES)}")
-    return image
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPE_NAMES)}")
 
 
 def caption_vocabulary() -> list[str]:
