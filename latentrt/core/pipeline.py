@@ -234,6 +234,11 @@ class Pipeline:
         """Generate from keyword options named as :class:`GenerationRequest` fields."""
         return self.generate(GenerationRequest(prompt=prompt, **options))
 
+    def parameters_text(self, request: GenerationRequest, k: int = 0) -> str:
+        """The A1111 parameters text image ``k`` of ``request`` gets (its seed must be resolved: not -1)."""
+        size = request.size(self.model.default_size, self.model.vae.downscale)
+        return self._parameters(request, self.registry.sampler(request.sampler), request.seed + k, k, size)
+
     def generate(
         self,
         request: GenerationRequest,
