@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from latentrt.cli_export import add_runtime_options, engine_limits
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.loader import load
 from latentrt.core.parameters import parse_parameters, read_png_parameters, save_png
@@ -145,6 +146,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prediction=args.prediction,
         vae_tiling=args.vae_tiling,
         refiner=args.refiner,
+        runtime=args.runtime,
+        engines=args.engines,
+        limits=engine_limits(args),
     )
     result = pipeline.generate(request)
     for path, image, text in zip(
@@ -184,6 +188,7 @@ def add_generate_parser(commands: Any, positive_int: Any) -> None:
     gen.add_argument("--prediction", choices=("eps", "v"), help="model prediction type (weights cannot tell)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_runtime_options(gen, positive_int)
     xl = gen.add_argument_group("SDXL")
     xl.add_argument("--prompt-2", dest="prompt_2", help="prompt for the second text encoder (default: PROMPT)")
     xl.add_argument("--negative-2", dest="negative_2", help="negative prompt for the second text encoder")

@@ -23,6 +23,22 @@ def kdiff() -> types.ModuleType:
     return load_kdiffusion_sampling()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point ``$LATENTRT_CACHE`` at a temporary folder for the whole run, so tests never read
+    or write the user's engine cache and hash memo."""
+    import os
+
+    old = os.environ.get("LATENTRT_CACHE")
+    path = tmp_path_factory.mktemp("latentrt-cache")
+    os.environ["LATENTRT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LATENTRT_CACHE", None)
+    else:
+        os.environ["LATENTRT_CACHE"] = old
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Torch on one thread for the test: tiny models gain nothing from intra-op threads and

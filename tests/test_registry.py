@@ -300,14 +300,14 @@ def test_invalid_registration_error_names_the_plugin() -> None:
 def test_components_register_and_resolve() -> None:
     def register(registry: Registry) -> None:
         registry.add_model_family("toy15", dict, label="Toy Diffusion 1.5", aliases=("toy1",))
-        registry.add_exporter("onnx", dict)
-        registry.add_runtime("torch", dict, description="eager PyTorch")
+        registry.add_exporter("toy_onnx", dict)  # onnx and torch are built-in names
+        registry.add_runtime("toy_torch", dict, description="eager PyTorch")
 
     reg = build_registry(autoload=False, blocked=(), plugins=[("parts", make_plugin("parts", register))])
     assert reg.model_family("TOY1").name == "toy15"
     assert reg.model_family("toy diffusion 1.5").plugin == "parts"
-    assert reg.exporter("onnx").factory is dict
-    assert reg.runtime("Torch").description == "eager PyTorch"
+    assert reg.exporter("toy_onnx").factory is dict
+    assert reg.runtime("Toy_Torch").description == "eager PyTorch"
     assert reg.plugins[-1] == "parts"
     with pytest.raises(PluginError, match="unknown runtime 'tensorrt'"):
         reg.runtime("tensorrt")
@@ -423,7 +423,7 @@ def test_env_block_plugins(
     reg = build_registry()
     assert "fake_sampler" in reg.samplers
     assert dict(reg.schedulers) == {}
-    assert reg.plugins == [SAMPLERS_PLUGIN, "latentrt.stable_diffusion", "latentrt.demo", "fake"]
+    assert reg.plugins == [SAMPLERS_PLUGIN, "latentrt.stable_diffusion", "latentrt.demo", "latentrt.runtimes", "fake"]
     monkeypatch.setenv("LATENTRT_BLOCK_PLUGINS", "broken,fake,latentrt.samplers")
     reg = build_registry()
     assert dict(reg.samplers) == {}

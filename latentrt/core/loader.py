@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
 from latentrt.core.checkpoint import Checkpoint, open_checkpoint
-from latentrt.core.errors import CheckpointError, InvalidRequest, PluginError
+from latentrt.core.errors import CheckpointError, InvalidRequest, PluginError, RuntimeUnavailable
 from latentrt.core.pipeline import Model, Pipeline
+from latentrt.core.protocols import CompiledModule, CompileRequest, Runtime, ShapeLimits
 from latentrt.core.registry import Registry, registry
 
-__all__ = ["DTYPES", "ModelFamily", "builtin_checkpoint", "load", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "ModelFamily",
+    "RuntimeChoice",
+    "compile_model",
+    "load",
+    "resolve_device",
+    "resolve_dtype",
+    "runtime_plan",
+]
+
+RuntimeChoice = str | Mapping[str, str]
+"""One runtime for every component (``"onnxruntime"``), or one per component (``{"unet": "onnxruntime"}``)."""
+_GROUPS = {"vae": "vae_", "text": "text_encoder"}  # shorthand component names: vae_decoder + vae_encoder, ...
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -105,6 +120,73 @@ def builtin_checkpoint(path: str | Path, plugins: Registry) -> Path:
     return Path(builtin)
 
 
+def runtime_plan(runtime: RuntimeChoice, names: Sequence[str]) -> dict[str, str]:
+    """Which runtime runs each of the components ``names``; ``vae`` and ``text`` name their groups.
+
+    Components a mapping leaves out stay on eager torch, as loaded.
+    """
+    if isinstance(runtime, str):
+        return dict.fromkeys(names, runtime)
+    plan: dict[str, str] = {}
+    for key, chosen in runtime.items():
+        matched = [key] if key in names else [n for n in names if key in _GROUPS and n.startswith(_GROUPS[key])]
+        if not matched:
+            valid = ", ".join([*names, *(g for g in _GROUPS if any(n.startswith(_GROUPS[g]) for n in names))])
+            raise InvalidRequest(f"no component {key!r} to choose a runtime for; this model has {valid}")
+        plan.update(dict.fromkeys(matched, chosen))
+    return plan
+
+
+def _runtime(plugins: Registry, name: str) -> Runtime:
+    spec = plugins.runtime(name)
+    runtime = spec.factory()
+    if not isinstance(runtime, Runtime):
+        raise PluginError(f"runtime {spec.name!r} of plugin {spec.plugin!r} does not implement the Runtime protocol")
+    if not runtime.available():
+        raise RuntimeUnavailable(
+            f"runtime {spec.name!r} cannot run here: {spec.description or 'its package is missing'}"
+        )
+    return runtime
+
+
+def compile_model(
+    model: Model,
+    runtime: RuntimeChoice,
+    *,
+    weights: Mapping[str, Path],
+    limits: ShapeLimits | None = None,
+    engines: str | Path | None = None,
+    plugins: Registry | None = None,
+    progress: bool = True,
+) -> dict[str, CompiledModule]:
+    """Compile ``model``'s components on their runtimes and install them in its place.
+
+    ``weights`` maps each component's ``source`` (``"checkpoint"``, ``"vae"``) to the file or
+    folder it was read from (its content hash keys the engine cache in ``engines``); the
+    precision is the model's dtype. Returns the compiled modules by component name.
+    """
+    if model.runtime_components is None:
+        raise InvalidRequest(
+            f"{model.name} is a {model.family} model, which runs on torch only: load it without runtime="
+        )
+    components = model.runtime_components(limits or ShapeLimits())
+    precision = next((name for name, dtype in DTYPES.items() if dtype == model.dtype), str(model.dtype))
+    compiled: dict[str, CompiledModule] = {}
+    for name, runtime_name in runtime_plan(runtime, list(components)).items():
+        component = components[name]
+        request = CompileRequest(
+            component,
+            weights[component.source],
+            precision,
+            model.device,
+            None if engines is None else Path(engines),
+            progress,
+        )
+        compiled[name] = _runtime(plugins or registry(), runtime_name).compile(request)
+        component.install(compiled[name])
+    return compiled
+
+
 def load(
     path: str | Path,
     *,
@@ -116,6 +198,9 @@ def load(
     refiner: str | Path | None = None,
     plugins: Registry | None = None,
     progress: bool = True,
+    runtime: RuntimeChoice | None = None,
+    engines: str | Path | None = None,
+    limits: ShapeLimits | None = None,
 ) -> Pipeline:
     """Load a single-file checkpoint or diffusers folder (optionally a separate VAE) into a Pipeline.
 
@@ -126,6 +211,11 @@ def load(
     scheduler config says; weights alone cannot tell. ``vae_tiling`` encodes and decodes
     in overlapping tiles, for images too large for memory in one piece. ``refiner`` loads an
     SDXL refiner checkpoint that requests hand over to with ``refiner_switch_at``.
+
+    ``runtime`` runs components on another runtime than eager torch: ``"onnxruntime"`` for all of
+    them, or per component (``{"unet": "onnxruntime", "vae": "torch"}``; see :func:`compile_model`).
+    Engines are built on first use into ``engines`` (default ``$LATENTRT_CACHE``) for the sizes and
+    batch in ``limits``, and reused after.
     """
     if prediction not in (None, "eps", "v"):
         raise InvalidRequest(f"prediction must be 'eps' or 'v', got {prediction!r}")
@@ -143,4 +233,11 @@ def load(
     if refiner is not None:
         refiner_checkpoint = open_checkpoint(refiner)
         refiner_model = _family_for(refiner_checkpoint, plugins)(refiner_checkpoint, **{**options, "vae": None})
+    if runtime is not None:
+        settings: dict[str, Any] = {"limits": limits, "engines": engines, "plugins": plugins, "progress": progress}
+        vae_source = checkpoint.path if vae is None else Path(vae).expanduser()
+        compile_model(model, runtime, weights={"checkpoint": checkpoint.path, "vae": vae_source}, **settings)
+        if refiner_model is not None:
+            weights = {"checkpoint": refiner_checkpoint.path, "vae": refiner_checkpoint.path}
+            compile_model(refiner_model, runtime, weights=weights, **settings)
     return Pipeline(model, plugins, progress=progress, refiner=refiner_model)

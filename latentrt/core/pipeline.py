@@ -31,7 +31,16 @@ from latentrt.core.errors import InvalidRequest, LatentRTError
 from latentrt.core.guidance import CFGDenoiser
 from latentrt.core.noise import initial_noise, make_generators, noise_for_sampler
 from latentrt.core.parameters import Parameters, format_parameters
-from latentrt.core.protocols import VAE, Conditioning, Denoiser, ModelSampling, StepInfo, TextEncoder
+from latentrt.core.protocols import (
+    VAE,
+    Conditioning,
+    Denoiser,
+    ModelSampling,
+    RuntimeComponent,
+    ShapeLimits,
+    StepInfo,
+    TextEncoder,
+)
 from latentrt.core.registry import Registry, SamplerSpec, registry
 from latentrt.core.request import GenerationRequest, resolve_seed
 
@@ -62,7 +71,9 @@ class Model:
     unconditional side's). ``zero_empty_negative`` makes an empty negative prompt an
     all-zero conditioning (SDXL's ``force_zeros_for_empty_prompt``). ``inpainting`` marks
     9-channel UNets, which receive the latent mask and masked image through
-    ``Conditioning.extra["c_concat"]``.
+    ``Conditioning.extra["c_concat"]``. ``runtime_components(limits)`` lists the parts a runtime
+    other than eager torch can take over (None: the model runs on torch only); the loader
+    installs what a runtime compiles in their place, so the pipeline never sees which runtime runs.
     """
 
     family: str
@@ -79,6 +90,7 @@ class Model:
     zero_empty_negative: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    runtime_components: Callable[[ShapeLimits], dict[str, RuntimeComponent]] | None = None
 
 
 @dataclass
@@ -233,11 +245,6 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], **options: Any) -> GenerationResult:
         """Generate from keyword options named as :class:`GenerationRequest` fields."""
         return self.generate(GenerationRequest(prompt=prompt, **options))
-
-    def parameters_text(self, request: GenerationRequest, k: int = 0) -> str:
-        """The A1111 parameters text image ``k`` of ``request`` gets (its seed must be resolved: not -1)."""
-        size = request.size(self.model.default_size, self.model.vae.downscale)
-        return self._parameters(request, self.registry.sampler(request.sampler), request.seed + k, k, size)
 
     def generate(
         self,
@@ -405,6 +412,11 @@ class Pipeline:
             keep = torch.tensor([0.0 if e else 1.0 for e in empty], device=model.device)
             uncond = uncond.map(lambda t: t * keep.view(-1, *([1] * (t.ndim - 1))).to(t))
         return cond, uncond
+
+    def parameters_text(self, request: GenerationRequest, k: int = 0) -> str:
+        """The A1111 parameters text image ``k`` of ``request`` gets (its seed must be resolved: not -1)."""
+        size = request.size(self.model.default_size, self.model.vae.downscale)
+        return self._parameters(request, self.registry.sampler(request.sampler), request.seed + k, k, size)
 
     def _parameters(
         self, request: GenerationRequest, sampler: SamplerSpec, seed: int, k: int, size: tuple[int, int]

@@ -8,7 +8,7 @@ Diffusion-Based Generative Models", https://arxiv.org/abs/2206.00364):
 * a :class:`Sampler` integrates from ``sigmas[0]`` down to ``sigmas[-1] == 0``;
 * a :class:`Scheduler` is a pure function ``(steps, model_sampling) -> sigmas``.
 
-Only ``torch`` is imported here: the core knows nothing about plugins or runtimes.
+Only ``torch`` and the core's errors are imported here: the core knows nothing about plugins or runtimes.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from latentrt.core.errors import InvalidRequest
+
 __all__ = [
     "VAE",
     "Artifact",
+    "ArtifactRuntime",
+    "CompileRequest",
     "CompiledModule",
     "Conditioning",
     "Denoiser",
@@ -32,9 +36,11 @@ __all__ = [
     "ModelSampling",
     "NoiseSource",
     "Runtime",
+    "RuntimeComponent",
     "Sampler",
     "SamplerCallback",
     "Scheduler",
+    "ShapeLimits",
     "StepInfo",
     "TextEncoder",
 ]
@@ -256,6 +262,9 @@ class ExportSpec:
 
     ``dynamic_axes`` maps each tensor name to ``{axis: symbolic name}``; ``shape_range``
     maps each symbolic name (``batch``, ``height``, ``width``) to ``(min, opt, max)``.
+    Sizes in ``shape_range`` are image pixels: ``pixel_scale`` says how many pixels one
+    element of a tensor covers along its non-batch dynamic axes (8 for SD latents; tensors
+    not listed count 1). Symbolic names without a range (``tokens``) are unbounded.
     """
 
     name: str
@@ -265,10 +274,41 @@ class ExportSpec:
     dynamic_axes: Mapping[str, Mapping[int, str]]
     shape_range: Mapping[str, tuple[int, int, int]]
     sample_inputs: Callable[[Mapping[str, int]], dict[str, Tensor]] | None = None
+    pixel_scale: Mapping[str, int] = field(default_factory=dict)
 
     def describe_range(self) -> str:
         """The shape range as ``batch 1..4, height 64..1024`` for error messages."""
         return ", ".join(f"{k} {lo}..{hi}" for k, (lo, _, hi) in self.shape_range.items())
+
+    def axis_size(self, tensor: str, axis: int, length: int) -> int:
+        """``length`` of ``tensor``'s ``axis`` in the units of ``shape_range`` (pixels for spatial axes)."""
+        symbol = self.dynamic_axes.get(tensor, {}).get(axis)
+        return length if symbol in (None, "batch") else length * self.pixel_scale.get(tensor, 1)
+
+    def check_feeds(self, feeds: Mapping[str, Tensor]) -> None:
+        """Refuse feeds with missing or unknown names, or sizes outside ``shape_range``, before running."""
+        missing = [n for n in self.input_names if n not in feeds]
+        unknown = [n for n in feeds if n not in self.input_names]
+        if missing or unknown:
+            raise InvalidRequest(
+                f"{self.name} takes inputs {', '.join(self.input_names)}; "
+                f"missing: {', '.join(missing) or 'none'}, unknown: {', '.join(unknown) or 'none'}"
+            )
+        for name in self.input_names:
+            shape = tuple(feeds[name].shape)
+            for axis, symbol in self.dynamic_axes.get(name, {}).items():
+                if symbol not in self.shape_range:
+                    continue
+                if axis >= len(shape):
+                    raise InvalidRequest(f"{self.name}: input {name} has shape {list(shape)}, no axis {axis}")
+                lo, _, hi = self.shape_range[symbol]
+                size = self.axis_size(name, axis, shape[axis])
+                if not lo <= size <= hi:
+                    raise InvalidRequest(
+                        f"{self.name}: {symbol} {size} is outside the range it was compiled for "
+                        f"({self.describe_range()}); compile it again for a wider range "
+                        "(latentrt export --min-size/--max-size/--max-batch)"
+                    )
 
 
 @dataclass(frozen=True)
@@ -293,22 +333,98 @@ class CompiledModule(Protocol):
 
 
 class Exporter(Protocol):
-    """Compiles a backbone into an :class:`Artifact`."""
+    """Compiles a backbone into an :class:`Artifact`.
 
-    def export(self, backbone: torch.nn.Module, spec: ExportSpec, out_dir: Path, precision: str) -> Artifact:
-        """Export, validate against torch, and write the manifest."""
+    ``backbone`` takes the spec's inputs positionally, in ``spec.input_names`` order, and
+    returns its outputs in ``spec.output_names`` order (one tensor or a tuple).
+    """
+
+    name: str
+
+    def version(self) -> str:
+        """Versions of everything that shapes the exported files (part of the engine-cache key)."""
         ...
+
+    def export(
+        self,
+        backbone: torch.nn.Module,
+        spec: ExportSpec,
+        out_dir: Path,
+        precision: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Artifact:
+        """Export, validate against torch, and write the manifest (``metadata`` is copied into it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """Image sizes (pixels) and images per request a compiled model accepts.
+
+    ``None`` sizes take the model family's default range; components that see the
+    conditional and unconditional halves together (UNet, text encoder) get twice the batch.
+    """
+
+    min_size: int | None = None
+    max_size: int | None = None
+    max_batch: int = 4
+
+
+@dataclass(frozen=True)
+class RuntimeComponent:
+    """A part of a loaded model that a runtime can take over (UNet, VAE decoder, text encoder, ...).
+
+    ``module`` follows the :class:`Exporter` calling convention for ``spec``; ``install`` puts a
+    compiled module into the model in place of the torch one, as a drop-in with the same call
+    signature. ``source`` says which weights file the component comes from (``"checkpoint"``, or
+    ``"vae"`` for a VAE loaded from a separate file): its content hash keys the engine cache.
+    """
+
+    name: str
+    module: torch.nn.Module
+    spec: ExportSpec
+    install: Callable[[CompiledModule], None]
+    source: str = "checkpoint"
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    """What a runtime needs to compile one component: the component, where its weights came from,
+    the precision and device, and the engine cache (``None``: ``$LATENTRT_CACHE`` or the default)."""
+
+    component: RuntimeComponent
+    weights: Path
+    precision: str
+    device: torch.device
+    engines: Path | None = None
+    progress: bool = True
 
 
 @runtime_checkable
 class Runtime(Protocol):
-    """Loads artifacts into :class:`CompiledModule` objects."""
+    """Turns model components into :class:`CompiledModule` objects."""
 
     name: str
 
     def available(self) -> bool:
         """Whether this runtime can run on this machine now."""
         ...
+
+    def version(self) -> str:
+        """The runtime's version (part of the engine-cache key)."""
+        ...
+
+    def compile(self, request: CompileRequest) -> CompiledModule:
+        """A compiled module for ``request.component``: built, or reused from the engine cache."""
+        ...
+
+
+@runtime_checkable
+class ArtifactRuntime(Runtime, Protocol):
+    """A runtime that runs exported files: ``exporter`` names the exporter that writes them."""
+
+    exporter: str
 
     def load(self, artifact: Artifact, device: torch.device) -> CompiledModule:
         """Deserialize ``artifact`` onto ``device``."""

@@ -47,6 +47,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("latentrt.schedules", "latentrt.plugins.schedules"),
     ("latentrt.stable_diffusion", "latentrt.plugins.stable_diffusion"),
     ("latentrt.demo", "latentrt.plugins.demo"),
+    ("latentrt.runtimes", "latentrt.runtimes"),
 )
 """(plugin name, module) of the plugins that ship with latentrt."""
 

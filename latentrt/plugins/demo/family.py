@@ -11,6 +11,7 @@ is recognised and what this family reads differently (see :mod:`.model`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from latentrt.plugins.demo.model import TOKEN_IDS_KEY, PrunedTokenEmbedding, dem
 from latentrt.plugins.stable_diffusion.clip import CLIPTextTransformer
 from latentrt.plugins.stable_diffusion.families import UNET_PREFIX, UNetBackbone, checkpoint_hasher, load_unet, load_vae
 from latentrt.plugins.stable_diffusion.keys.clip import SD1_CLIP_PREFIX, sd1_text_weights
+from latentrt.plugins.stable_diffusion.runtime_components import sd_runtime_components
 from latentrt.plugins.stable_diffusion.text import SDTextEncoder
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 
@@ -42,6 +44,8 @@ DEMO_CHECKPOINT = Path(__file__).with_name("latentrt-demo.safetensors")
 DEMO_MODEL_NAME = DEMO_CHECKPOINT.stem
 """The demo model's name in parameters text and PNG metadata ("Model: latentrt-demo")."""
 SCALE_KEY = "scale_factor"
+DEMO_SIZES = (16, 64, 128)
+"""Image sides (pixels: min, optimum, max) the demo model's exports cover by default."""
 _TOKEN_IDS = SD1_CLIP_PREFIX + TOKEN_IDS_KEY
 _WORD = re.compile(r"[^\W\d_]+")  # runs of letters: prompt words without weights, brackets or commas
 
@@ -51,6 +55,14 @@ class DemoTextEncoder(SDTextEncoder):
     """:class:`SDTextEncoder` that says once which words the pruned token table does not know."""
 
     warned: set[str] = field(default_factory=set)
+    known_ids: frozenset[int] | None = field(init=False, default=None)
+    """The CLIP ids the pruned token table has rows for (None: a full table, every word is known);
+    read once here, as a runtime may later replace ``model`` with a compiled one."""
+
+    def __post_init__(self) -> None:
+        table = self.model.embeddings.token_embedding
+        if isinstance(table, PrunedTokenEmbedding):
+            self.known_ids = frozenset(table.token_ids.tolist())
 
     def encode(
         self, prompts: Sequence[str], *, clip_skip: int = 1, secondary: Sequence[str] | None = None
@@ -60,10 +72,9 @@ class DemoTextEncoder(SDTextEncoder):
         return super().encode(prompts, clip_skip=clip_skip, secondary=secondary)
 
     def _warn_unknown(self, prompts: Sequence[str]) -> None:
-        table = self.model.embeddings.token_embedding
-        if not isinstance(table, PrunedTokenEmbedding) or isinstance(prompts, str):
+        known = self.known_ids
+        if known is None or isinstance(prompts, str):
             return
-        known = set(table.token_ids.tolist())
         words = {w for prompt in prompts for w in _WORD.findall(prompt) if w != "BREAK"}  # A1111 syntax aside
         unknown = {w for w in words if not set(self.tokenizer.encode(w)) <= known} - self.warned
         if unknown:
@@ -103,7 +114,7 @@ class DemoFamily:
         unet = load_unet(tensors.with_prefix(UNET_PREFIX), "sd2", self.label, device, dtype)
         scale = read_scale(tensors)
         autoencoder, vae_name, vae_hash = load_vae(vae, tensors, scale, device, dtype, vae_tiling)
-        return Model(
+        model = Model(
             family=self.name,
             text_encoder=DemoTextEncoder(text_model, CLIPTokenizer.from_package(), device),
             denoiser=DiscreteDenoiser(UNetBackbone(unet), sd_model_sampling(), prediction or "eps"),
@@ -117,6 +128,10 @@ class DemoFamily:
             device=device,
             dtype=dtype,
         )
+        # runtimes take over the same components as SD 1.x's, by default over the demo's own
+        # sizes (16..128 px, best at 64; at 8x8 its GroupNorms see one value per group)
+        model.runtime_components = functools.partial(sd_runtime_components, model, default_sizes=DEMO_SIZES)
+        return model
 
 
 def load_demo_text(weights: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> CLIPTextTransformer:

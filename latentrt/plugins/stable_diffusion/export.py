@@ -34,11 +34,13 @@ def unet_export_spec(
     sizes: tuple[int, int, int] | None = None,
     batch: tuple[int, int, int] = (1, 2, 8),
     tokens: int = 77,
+    latent_scale: int = LATENT_SCALE,
 ) -> ExportSpec:
     """The UNet backbone's contract: ``(sample, timestep, context[, c_concat][, text_embeds, time_ids])``.
 
     ``time_ids`` is how many size/aesthetic ids an SDXL UNet takes (base 6, refiner 5; 0
     for SD1/SD2): its vector input is the pooled text embedding plus 256 features per id.
+    ``latent_scale`` is the VAE's downscale (pixels per latent; 8 for SD's VAE).
     """
     sdxl = time_ids > 0
     sizes = sizes or SIZE_RANGES["sdxl" if sdxl else "sd"]
@@ -61,7 +63,7 @@ def unet_export_spec(
         axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
 
     def sample_inputs(dims: Mapping[str, int]) -> dict[str, Tensor]:
-        b, h, w = dims["batch"], dims["height"] // LATENT_SCALE, dims["width"] // LATENT_SCALE
+        b, h, w = dims["batch"], dims["height"] // latent_scale, dims["width"] // latent_scale
         generator = torch.Generator().manual_seed(0)
         feeds = {
             "sample": torch.randn(b, config.out_channels, h, w, generator=generator),
@@ -84,4 +86,5 @@ def unet_export_spec(
         dynamic_axes={**axes, "noise_pred": _latent_axes()},
         shape_range={"batch": batch, "height": sizes, "width": sizes},
         sample_inputs=sample_inputs,
+        pixel_scale={name: latent_scale for name in ("sample", "c_concat", "noise_pred")},  # latent sides in pixels
     )

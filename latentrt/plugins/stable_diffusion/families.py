@@ -41,9 +41,10 @@ from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.pipeline import Model
 from latentrt.core.protocols import ExportSpec
 from latentrt.plugins.stable_diffusion.clip import CLIPTextTransformer, load_clip_text
-from latentrt.plugins.stable_diffusion.export import unet_export_spec
+from latentrt.plugins.stable_diffusion.export import LATENT_SCALE, unet_export_spec
 from latentrt.plugins.stable_diffusion.keys.clip import from_transformers, sd1_text_weights, sd2_text_weights
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
+from latentrt.plugins.stable_diffusion.runtime_components import sd_runtime_components
 from latentrt.plugins.stable_diffusion.text import SDTextEncoder
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 from latentrt.plugins.stable_diffusion.unet import HeadConvention, UNet, UNetConfig
@@ -125,9 +126,10 @@ class UNetBackbone:
         out: Tensor = self.unet(sample.to(dtype), timestep, context.to(dtype), None if y is None else y.to(dtype))
         return out.to(sample.dtype)
 
-    def export_spec(self) -> ExportSpec:
-        """Names, dynamic axes and shape range an exporter compiles this backbone for."""
-        return unet_export_spec(self.unet.config)
+    def export_spec(self, latent_scale: int = LATENT_SCALE) -> ExportSpec:
+        """Names, dynamic axes and shape range an exporter compiles this backbone for (latents
+        ``latent_scale`` times smaller than the images)."""
+        return unet_export_spec(self.unet.config, latent_scale=latent_scale)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class SDFamily:
         autoencoder, vae_name, vae_hash = load_vae(vae, vae_weights, SD_SCALING_FACTOR, device, dtype, vae_tiling)
         chosen = prediction or read_prediction(checkpoint) or "eps"
         logger.info("loaded %s (%s, %s prediction) on %s in %s", checkpoint.name, self.label, chosen, device, dtype)
-        return Model(
+        model = Model(
             family=self.name,
             text_encoder=SDTextEncoder(text_model, tokenizer, device),
             denoiser=DiscreteDenoiser(UNetBackbone(unet), sd_model_sampling(), chosen),
@@ -180,6 +182,8 @@ class SDFamily:
             device=device,
             dtype=dtype,
         )
+        model.runtime_components = functools.partial(sd_runtime_components, model)
+        return model
 
     def _components(
         self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype

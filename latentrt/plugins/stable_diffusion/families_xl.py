@@ -12,6 +12,7 @@ OpenCLIP bigG under ``conditioner.embedders.1.model.`` (the refiner has bigG alo
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from latentrt.core.pipeline import Model
 from latentrt.core.protocols import ExportSpec
 from latentrt.core.request import GenerationRequest
 from latentrt.plugins.stable_diffusion.clip import load_clip_text
-from latentrt.plugins.stable_diffusion.export import unet_export_spec
+from latentrt.plugins.stable_diffusion.export import LATENT_SCALE, unet_export_spec
 from latentrt.plugins.stable_diffusion.families import (
     UNET_PREFIX,
     UNetBackbone,
@@ -46,6 +47,7 @@ from latentrt.plugins.stable_diffusion.keys.clip import (
     from_transformers,
 )
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
+from latentrt.plugins.stable_diffusion.runtime_components import sd_runtime_components
 from latentrt.plugins.stable_diffusion.text_xl import SDXLTextEncoder, TextBranch
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 from latentrt.plugins.stable_diffusion.unet import sdxl_adm_vector
@@ -66,9 +68,10 @@ class SDXLBackbone(UNetBackbone):
 
     time_ids: int = 6  # base: original size, crop, target size; refiner: original size, crop, aesthetic score
 
-    def export_spec(self) -> ExportSpec:
-        """Names, dynamic axes and shape range an exporter compiles this backbone for."""
-        return unet_export_spec(self.unet.config, time_ids=self.time_ids)
+    def export_spec(self, latent_scale: int = LATENT_SCALE) -> ExportSpec:
+        """Names, dynamic axes and shape range an exporter compiles this backbone for (latents
+        ``latent_scale`` times smaller than the images)."""
+        return unet_export_spec(self.unet.config, time_ids=self.time_ids, latent_scale=latent_scale)
 
     def __call__(  # type: ignore[override]
         self,
@@ -134,7 +137,7 @@ class SDXLFamily:
             ids = sdxl_time_ids(request, width, height, refiner=self.refiner, negative=negative)
             return {"time_ids": ids.to(device)}
 
-        return Model(
+        model = Model(
             family=self.name,
             text_encoder=SDXLTextEncoder(branches, device),
             denoiser=DiscreteDenoiser(SDXLBackbone(unet, 5 if self.refiner else 6), sd_model_sampling(), chosen),
@@ -150,6 +153,8 @@ class SDXLFamily:
             device=device,
             dtype=dtype,
         )
+        model.runtime_components = functools.partial(sd_runtime_components, model)
+        return model
 
     def _components(
         self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype

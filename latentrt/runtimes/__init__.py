@@ -1,0 +1,30 @@
+"""Runtimes: what runs a model component (DESIGN.md section 4), and the built-in plugin registering them.
+
+* ``torch``: the component's torch module, eager; ``torch_compile``: the same through ``torch.compile``;
+* ``onnxruntime``: the ONNX export of the component (:mod:`latentrt.exporters.onnx`), built on first
+  use into the engine cache (:mod:`latentrt.exporters.cache`), run by ONNX Runtime.
+
+``latentrt.load(path, runtime="onnxruntime")`` runs every component on one runtime;
+``runtime={"unet": "onnxruntime", "vae_decoder": "torch"}`` chooses per component. The
+optional packages (onnx, onnxruntime) are imported only when a runtime or exporter is used.
+"""
+
+from __future__ import annotations
+
+from latentrt.core.hookspecs import hookimpl
+from latentrt.core.registry import Registry
+
+__all__ = ["latentrt_register"]
+
+
+@hookimpl
+def latentrt_register(registry: Registry) -> None:
+    """Register the ``onnx`` exporter and the ``torch``, ``torch_compile`` and ``onnxruntime`` runtimes."""
+    from latentrt.exporters.onnx import OnnxExporter
+    from latentrt.runtimes.onnxruntime import OnnxRuntime
+    from latentrt.runtimes.torch import TorchRuntime, torch_compile_runtime
+
+    registry.add_exporter("onnx", OnnxExporter, description="ONNX (opset 18), validated against torch")
+    registry.add_runtime("torch", TorchRuntime, label="PyTorch", description="eager PyTorch")
+    registry.add_runtime("torch_compile", torch_compile_runtime, label="torch.compile")
+    registry.add_runtime("onnxruntime", OnnxRuntime, label="ONNX Runtime", aliases=("ort",))
