@@ -19,9 +19,12 @@ $(CORE): pyproject.toml Makefile | $(PY)
 	$(PIP) install -e .
 	touch $(CORE)
 
+# tensorrt-stubs types the TensorRT code where TensorRT cannot be installed (no GPU): --no-deps, since
+# it depends on tensorrt itself. tools/check_tensorrt_types.py patches a copy for mypy (tests run it).
 $(STAMP): $(CORE)
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps 'k-diffusion==0.1.1.post1'
+	$(PIP) install --no-deps 'tensorrt-stubs==10.13.0.35.1'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,6 +47,7 @@ lint: install
 	$(PY) -m ruff check latentrt tests examples benchmarks tools
 	$(PY) -m ruff format --check latentrt tests examples benchmarks tools
 	$(PY) -m mypy
+	$(PY) tools/check_tensorrt_types.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo.png demo-grid.png sampler-demo.png

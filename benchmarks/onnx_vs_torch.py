@@ -10,8 +10,9 @@ in the same process at several graph-optimization settings, so what they add is 
 * ``ort offline+all``: ``model.optimized.onnx`` (extended, optimized offline at export) with the
   session at ``all`` on top: what ``latentrt generate --runtime onnxruntime`` runs.
 
-Each setting is timed as the median of ``--repeats`` steps after one warm-up step, and reported
-as the ratio to torch eager (below 1: ONNX Runtime is faster). Results go to
+Each setting is timed against torch eager in alternation (one eager step, one ONNX Runtime step,
+``--repeats`` times, after one warm-up step of each), so a busy machine slows both sides alike; the
+ratio is median(ONNX Runtime) / median(eager) over those pairs (below 1: ONNX Runtime is faster). Results go to
 ``benchmarks/results/onnx_vs_torch.{json,md}``. Needs about 20 GB of memory and a few GB of disk
 (``benchmarks/.cache/onnx_vs_torch``); the export takes minutes.
 """
@@ -74,21 +75,24 @@ def full_size_unet_component(sizes: tuple[int, int, int] = (256, 512, 512), max_
     return RuntimeComponent("unet", UNetExport(UNetBackbone(unet), unet, spec), spec, lambda compiled: None)
 
 
-def seconds_per_step(step: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    step()
-    times = []
+def paired_seconds(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median wall times of ``first`` and ``second`` called in alternation ``repeats`` times, after one
+    warm-up call of each (alternating keeps background load from favouring either side)."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for call, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            call()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-def time_session(path: Path, level: str, threads: int, arrays: dict[str, Any], repeats: int) -> float:
-    """Seconds per step of an ONNX Runtime CPU session on ``path`` at optimization ``level``."""
+def ort_step(path: Path, level: str, threads: int, arrays: dict[str, Any]) -> Callable[[], Any]:
+    """One UNet step on an ONNX Runtime CPU session over ``path`` at optimization ``level``."""
     session = ort_session(path, ["CPUExecutionProvider"], level=level, threads=threads)
-    return seconds_per_step(lambda: session.run(None, arrays), repeats)
+    return lambda: session.run(None, arrays)
 
 
 def feeds_for(spec: ExportSpec, size: int) -> dict[str, torch.Tensor]:
@@ -109,14 +113,17 @@ def run(sizes: list[int], repeats: int, keep: bool) -> dict[str, Any]:
     for size in sizes:
         feeds = feeds_for(component.spec, size)
         args = [feeds[name] for name in component.spec.input_names]
-        with torch.inference_mode():
-            eager = seconds_per_step(lambda: component.module(*args), repeats)  # noqa: B023
-        rows.append({"size": size, "runtime": "torch eager", "seconds_per_step": eager, "ratio": 1.0})
         arrays = {name: tensor.numpy() for name, tensor in feeds.items()}
+
+        def eager() -> Any:
+            with torch.inference_mode():
+                return component.module(*args)  # noqa: B023
+
         for label, file, level in ORT_SETTINGS:
-            seconds = time_session(folder / file, level, threads, arrays, repeats)
-            rows.append({"size": size, "runtime": label, "seconds_per_step": seconds, "ratio": seconds / eager})
-            print(f"{size}x{size} {label:<16} {seconds:.3f} s/step ({seconds / eager:.2f}x eager {eager:.3f} s)")
+            torch_s, ort_s = paired_seconds(eager, ort_step(folder / file, level, threads, arrays), repeats)
+            rows.append({"size": size, "runtime": label, "seconds_per_step": ort_s, "eager_seconds_per_step": torch_s,
+                         "ratio": ort_s / torch_s})  # fmt: skip
+            print(f"{size}x{size} {label:<16} {ort_s:.3f} s/step vs eager {torch_s:.3f} s: {ort_s / torch_s:.2f}x")
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
     worst = max(o["max_abs_diff"] for r in artifact.manifest["validation"]["runs"] for o in r["outputs"].values())
@@ -143,14 +150,16 @@ def write_results(result: dict[str, Any]) -> None:
     lines = [
         "# ONNX Runtime vs torch eager: SD 1.5 UNet (random weights), fp32, CPU",
         "",
-        f"Batch {result['batch']}, {result['threads']} threads, median of {result['repeats']} steps after a "
-        f"warm-up; export {result['export_seconds']} s; max |onnx - torch| {result['max_abs_diff_vs_torch']:.1e}.",
+        f"Batch {result['batch']}, {result['threads']} threads, medians of {result['repeats']} alternating "
+        f"eager/ONNX Runtime steps after a warm-up; export {result['export_seconds']} s; "
+        f"max |onnx - torch| {result['max_abs_diff_vs_torch']:.1e}.",
         "",
-        "| size | runtime | s/step | ratio to eager |",
-        "|---|---|---|---|",
+        "| size | runtime | s/step | torch eager s/step (same pairs) | ratio to eager |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['size']}x{r['size']} | {r['runtime']} | {r['seconds_per_step']:.3f} | {r['ratio']:.2f} |"
+        f"| {r['size']}x{r['size']} | {r['runtime']} | {r['seconds_per_step']:.3f} | "
+        f"{r['eager_seconds_per_step']:.3f} | {r['ratio']:.2f} |"
         for r in result["rows"]
     ]
     (RESULTS / "onnx_vs_torch.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -4,6 +4,9 @@
 folder per component (``unet-fp32-<key>/model.onnx``, ``model.optimized.onnx``, ``manifest.json``).
 ``latentrt generate --runtime onnxruntime --engines DIR`` with the same sizes and precision
 reuses them; without ``--engines`` it exports on first use into ``$LATENTRT_CACHE/engines``.
+``--to tensorrt --device cuda`` builds TensorRT engines (``engine.plan``) from the ONNX exports instead,
+for ``generate --runtime tensorrt --device cuda``. A runtime that cannot run here (no TensorRT, no
+CUDA GPU) stops both commands before the model is loaded, with one line saying what is missing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from latentrt.core.errors import InvalidRequest
+import torch
+
+from latentrt.core.errors import InvalidRequest, RuntimeUnavailable
 from latentrt.core.loader import RuntimeChoice, builtin_checkpoint, compile_model, load
 from latentrt.core.protocols import CompiledModule, ShapeLimits
 from latentrt.core.registry import Registry, registry
@@ -22,6 +27,7 @@ __all__ = [
     "add_export_parser",
     "add_runtime_options",
     "add_size_options",
+    "check_runtimes",
     "cmd_export",
     "engine_limits",
     "parse_runtime",
@@ -54,8 +60,8 @@ def add_size_options(parser: argparse.ArgumentParser, positive_int: Any) -> None
 def add_runtime_options(parser: argparse.ArgumentParser, positive_int: Any) -> None:
     """``--runtime``, ``--engines`` and the size options, for ``generate``."""
     parser.add_argument("--runtime", type=parse_runtime,
-                        help="run on another runtime: onnxruntime, or per component (unet=onnxruntime,vae=torch); "
-                             "exports on first use")  # fmt: skip
+                        help="run on another runtime: onnxruntime, tensorrt (with --device cuda), or per "
+                             "component (unet=tensorrt,vae=torch); exports on first use")  # fmt: skip
     parser.add_argument("--engines", help="engine cache folder (default: $LATENTRT_CACHE/engines)")
     add_size_options(parser, positive_int)
 
@@ -72,6 +78,28 @@ def _runtime_for(plugins: Registry, exporter: str) -> str:
         if getattr(spec.factory(), "exporter", None) == plugins.exporter(exporter).name:
             return name
     raise InvalidRequest(f"no installed runtime runs what the {exporter!r} exporter writes")
+
+
+def check_runtimes(plugins: Registry, choice: RuntimeChoice, device: str) -> None:
+    """Stop before anything is loaded when a chosen runtime cannot run on ``device``, in one line.
+
+    A runtime may offer ``require(device)``, raising RuntimeUnavailable that names what is missing
+    (TensorRT: the package, a CUDA GPU); for the others ``available()`` decides.
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        return  # an unknown device is the loader's error to report
+    for name in [choice] if isinstance(choice, str) else sorted(set(choice.values())):
+        spec = plugins.runtime(name)  # an unknown runtime is a PluginError naming the valid ones
+        runtime = spec.factory()
+        require = getattr(runtime, "require", None)
+        if callable(require):
+            require(target)
+        elif not runtime.available():
+            raise RuntimeUnavailable(
+                f"runtime {spec.name!r} cannot run here: {spec.description or 'its package is missing'}"
+            )
 
 
 def _manifest_times(folder: Path) -> dict[Path, int]:
@@ -92,13 +120,15 @@ def _summary(name: str, compiled: CompiledModule, before: dict[Path, int]) -> st
     path = artifact.directory / MANIFEST
     reused = before.get(path) == path.stat().st_mtime_ns
     what = "reused" if reused else f"exported in {manifest['seconds']['total']:.1f} s"
-    return f"{name}: {artifact.directory} ({manifest['precision']}, max |onnx - torch| {worst:.1e}; {what})"
+    exporter = manifest.get("exporter", "onnx")
+    return f"{name}: {artifact.directory} ({manifest['precision']}, max |{exporter} - torch| {worst:.1e}; {what})"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``latentrt export``: compile the chosen components into ``--out`` and print where they are."""
     plugins = registry()
     runtime = _runtime_for(plugins, args.to)
+    check_runtimes(plugins, runtime, args.device)
     pipeline = load(args.checkpoint, vae=args.vae, device=args.device, dtype=args.precision, progress=False)
     source = builtin_checkpoint(args.checkpoint, plugins)
     weights = {"checkpoint": source, "vae": source if args.vae is None else Path(args.vae).expanduser()}
@@ -122,14 +152,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_export_parser(commands: Any, positive_int: Any) -> None:
     """The ``export`` subcommand and its options."""
-    export = commands.add_parser("export", help="export a checkpoint's components (ONNX), checked against torch")
+    export = commands.add_parser(
+        "export", help="export a checkpoint's components (ONNX, TensorRT), checked against torch"
+    )
     export.add_argument("--checkpoint", required=True, help=".safetensors file or diffusers folder")
-    export.add_argument("--to", default="onnx", help="exporter (default onnx)")
+    export.add_argument("--to", default="onnx", help="exporter: onnx (default) or tensorrt (needs --device cuda)")
     export.add_argument("--out", required=True, help="folder to write the engines to (an engine cache)")
     export.add_argument("--components", default=DEFAULT_COMPONENTS,
                         help="comma-separated: unet, vae (decoder and encoder), text, or single names such as "
                              "vae_decoder (default: unet,vae,text)")  # fmt: skip
-    export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    export.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="fp32 (default); fp16; bf16 (tensorrt only)")  # fmt: skip
     export.add_argument("--vae", help="separate VAE file or diffusers vae folder")
     export.add_argument("--device", default="cpu", help="cpu or cuda (the device the engines will run on)")
     export.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from latentrt.cli_export import add_runtime_options, engine_limits
+from latentrt.cli_export import add_runtime_options, check_runtimes, engine_limits
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.loader import load
 from latentrt.core.parameters import parse_parameters, read_png_parameters, save_png
@@ -120,6 +120,8 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``latentrt generate``: load, generate, save PNGs with their parameters text."""
+    if args.runtime is not None:  # a runtime that cannot run here stops us before the model loads
+        check_runtimes(registry(), args.runtime, args.device)
     fields = _request_fields(args)
     for name in ("width", "height"):
         if fields.get(name) is not None and fields[name] % 8:

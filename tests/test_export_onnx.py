@@ -297,3 +297,28 @@ def test_demo_model_on_onnxruntime_draws_what_torch_draws(tmp_path: Path) -> Non
     assert psnr(expected, got) >= PSNR_MIN
     for want, have in zip(map(judge, torch_images), map(judge, onnx_images), strict=True):
         assert (want.colour, want.shape) == (have.colour, have.shape)
+
+
+def test_inpainting_unet_takes_c_concat_on_onnxruntime(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A 9-channel inpainting UNet exports with its ``c_concat`` input (masked-image latents and the
+    mask) and inpaints on ONNX Runtime as on torch, the VAE and text encoder on ONNX Runtime too."""
+    from PIL import ImageDraw
+    from sd_fixtures import tiny_sd1
+
+    folder = tiny_sd1(tmp_path_factory, inpainting=True).folder
+    engines = tmp_path_factory.mktemp("inpainting-engines")
+    onnx = latentrt.load(folder, runtime="onnxruntime", engines=engines, limits=LIMITS, progress=False)
+    assert isinstance(onnx.model.denoiser.backbone, CompiledUNet)  # type: ignore[attr-defined]
+    unet = next(read_artifact(f) for f in engines.iterdir() if read_artifact(f).manifest["component"] == "unet")
+    assert unet.spec.input_names == ("sample", "timestep", "context", "c_concat")
+    session = onnxruntime.InferenceSession(str(unet.directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[3].name == "c_concat" and session.get_inputs()[3].shape[1] == 5
+    image = Image.new("RGB", (WIDTH, HEIGHT), (40, 90, 200))
+    ImageDraw.Draw(image).ellipse((10, 10, 50, 50), fill=(230, 200, 40))
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    ImageDraw.Draw(mask).rectangle((27, 13, 70, 50), fill=255)
+    request = {**REQUEST, "init_image": image, "mask": mask, "strength": 1.0}
+    expected = _pixels(latentrt.load(folder, progress=False)(**request).images)
+    got = _pixels(onnx(**request).images)
+    assert expected.std() > 10
+    assert psnr(expected, got) >= PSNR_MIN

@@ -139,6 +139,24 @@ def test_onnxruntime_providers_follow_the_device(monkeypatch: pytest.MonkeyPatch
         OnnxRuntime(providers=("TensorrtExecutionProvider",)).execution_providers(torch.device("cpu"))
 
 
+def test_onnxruntime_takes_its_tensorrt_provider_only_with_the_real_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists TensorRT whether or not TensorRT is installed; type stubs alone are not it."""
+    import onnxruntime
+
+    import latentrt.runtimes.onnxruntime as ort_runtime
+
+    trt_ep, cuda_ep = "TensorrtExecutionProvider", "CUDAExecutionProvider"
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [trt_ep, cuda_ep, CPU])
+    monkeypatch.setattr(ort_runtime, "tensorrt_installed", lambda: False)
+    assert [p if isinstance(p, str) else p[0] for p in OnnxRuntime().execution_providers(torch.device("cuda"))] == [
+        cuda_ep,
+        CPU,
+    ]
+    monkeypatch.setattr(ort_runtime, "tensorrt_installed", lambda: True)
+    chosen = OnnxRuntime().execution_providers(torch.device("cuda:0"))
+    assert chosen[0] == (trt_ep, {"device_id": 0, "trt_engine_cache_enable": True}) and chosen[-1] == CPU
+
+
 def test_runtime_plan_accepts_groups_and_names_the_valid_components() -> None:
     names = ["unet", "vae_decoder", "vae_encoder", "text_encoder"]
     assert runtime_plan("onnxruntime", names) == dict.fromkeys(names, "onnxruntime")
@@ -170,8 +188,8 @@ def test_an_unknown_runtime_is_refused_with_the_valid_names(tmp_path: Path) -> N
     component = conv_component()
     model = Model(family="toy", text_encoder=None, denoiser=None, vae=None, name="toy")  # type: ignore[arg-type]
     model.runtime_components = lambda limits: {"vae_decoder": component}
-    with pytest.raises(latentrt.PluginError, match=r"unknown runtime 'tensorrt'.*onnxruntime"):
-        compile_model(model, "tensorrt", weights={"checkpoint": tmp_path})
+    with pytest.raises(latentrt.PluginError, match=r"unknown runtime 'openvino'.*onnxruntime"):
+        compile_model(model, "openvino", weights={"checkpoint": tmp_path})
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ from latentrt.core.protocols import Artifact, CompileRequest, ExportSpec
 from latentrt.exporters.cache import cached_artifact
 from latentrt.exporters.onnx import OnnxExporter, require_onnx
 from latentrt.exporters.ort import ort_session
+from latentrt.exporters.tensorrt_build import tensorrt_installed
 
 __all__ = ["OnnxRuntime", "OrtModule"]
 
@@ -155,7 +156,7 @@ class OnnxRuntime:
             )
         index = device.index or 0
         chosen: list[Provider] = []
-        if TENSORRT in available and importlib.util.find_spec("tensorrt") is not None:
+        if TENSORRT in available and tensorrt_installed():  # the real library, not only its type stubs
             chosen.append((TENSORRT, {"device_id": index, "trt_engine_cache_enable": True}))
         return [*chosen, (CUDA, {"device_id": index}), CPU]
 
