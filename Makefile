@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/sampler_overhead.py
 	cd benchmarks && ../$(PY) load_memory.py
 	$(PY) benchmarks/service_throughput.py
+	$(PY) benchmarks/ray_throughput.py
 
 lint: install
 	$(PY) -m ruff check latentrt tests examples benchmarks tools

@@ -7,6 +7,8 @@ maps it to a 4xx response with the same text.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CheckpointError",
     "ExportError",
@@ -18,7 +20,23 @@ __all__ = [
 
 
 class LatentRTError(Exception):
-    """Base class of every error latentrt reports to its users."""
+    """Base class of every error latentrt reports to its users.
+
+    Errors pickle with their attributes (``retry_after``, ``field``, ...) even where the
+    constructor takes extra arguments, which plain exception pickling drops: a worker
+    process (a Ray Serve replica) can raise one and the caller gets the same error.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.args, dict(vars(self))))
+
+
+def _rebuild_error(kind: type[LatentRTError], args: tuple[Any, ...], state: dict[str, Any]) -> LatentRTError:
+    """An error of ``kind`` with ``args`` and attributes ``state``, made without calling its ``__init__``."""
+    error = kind.__new__(kind, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class PluginError(LatentRTError):
