@@ -43,6 +43,9 @@ bench: install
 	cd benchmarks && ../$(PY) load_memory.py
 	$(PY) benchmarks/service_throughput.py
 	$(PY) benchmarks/ray_throughput.py
+	cd benchmarks && ../$(PY) estimate_accuracy.py
+	cd benchmarks && ../$(PY) unet_vs_diffusers.py --sizes 256,512
+	cd benchmarks && ../$(PY) e2e_vs_diffusers.py
 
 lint: install
 	$(PY) -m ruff check latentrt tests examples benchmarks tools

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import latentrt
 from latentrt.cli_demo import add_demo_parsers
+from latentrt.cli_estimate import add_estimate_parser
 from latentrt.cli_export import add_export_parser
 from latentrt.cli_generate import add_generate_parser, add_info_parser
 from latentrt.cli_serve import add_serve_parser
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(commands, _positive_int)
     add_info_parser(commands)
     add_serve_parser(commands, _positive_int)
+    add_estimate_parser(commands, _positive_int)
     return parser
 
 

@@ -14,8 +14,9 @@ from typing import Any
 from PIL import Image
 
 from latentrt.cli_export import add_runtime_options, check_runtimes, engine_limits
+from latentrt.core.autotune import auto_choice
 from latentrt.core.errors import InvalidRequest
-from latentrt.core.loader import load
+from latentrt.core.loader import load, resolve_device
 from latentrt.core.parameters import parse_parameters, read_png_parameters, save_png
 from latentrt.core.registry import registry
 from latentrt.core.request import GenerationRequest
@@ -140,6 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mask = _open_image(args.mask, "--mask")
     request = GenerationRequest(**fields, init_image=init, mask=mask)
     request.validate()
+    if args.dtype == "auto":  # say what auto picked (the loader logs it too)
+        print(auto_choice(resolve_device(args.device)).describe())
     pipeline = load(
         checkpoint,
         vae=args.vae,
@@ -188,7 +191,9 @@ def add_generate_parser(commands: Any, positive_int: Any) -> None:
     gen.add_argument("--strength", type=float, help="img2img denoising strength (default 0.75)")
     gen.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
     gen.add_argument("--prediction", choices=("eps", "v"), help="model prediction type (weights cannot tell)")
-    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    gen.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16", "auto"), default="fp32", help="auto: fastest for the device"
+    )
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     add_runtime_options(gen, positive_int)
     xl = gen.add_argument_group("SDXL")

@@ -216,7 +216,7 @@ def test_replica_generate_equals_a_local_service(replica: GenerationReplica, dem
     assert isinstance(result, ReplicaResult) and result.replica == replica.identity
     with GenerationService({"demo": demo}) as service:
         local = service.submit(REQUEST).result(timeout=60)
-    assert np.array_equal(pixels(result.images[0]), pixels(local.images[0]))
+    assert np.abs(pixels(result.images[0]) - pixels(local.images[0])).max() <= 1  # see test_serve_ray.same_image
     assert result.parameters == local.parameters and result.seeds == local.seeds == [21]
 
 
@@ -227,7 +227,7 @@ def test_forwarded_http_requests_are_answered_by_the_same_a1111_app(replica: Gen
     )
     assert ok.status == 200 and ok.header(REPLICA_HEADER) == replica.identity.replica_id
     image = Image.open(io.BytesIO(base64.b64decode(json.loads(ok.body)["images"][0])))
-    assert np.array_equal(pixels(image), pixels(demo.generate(REQUEST).images[0]))
+    assert np.abs(pixels(image) - pixels(demo.generate(REQUEST).images[0])).max() <= 1  # service thread vs this one
     bad = asyncio.run(replica.http(ForwardedRequest("POST", "/sdapi/v1/txt2img", b"", headers, b'{"steps": 0}')))
     assert bad.status == 422 and json.loads(bad.body)["detail"][0]["loc"] == ["body", "steps"]
     progress = asyncio.run(replica.http(ForwardedRequest("GET", "/sdapi/v1/progress", b"skip_current_image=true")))

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from latentrt.core.errors import CheckpointError
+from latentrt.core.memory import file_mappings, release_file_pages
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -422,7 +423,9 @@ def load_module(
 
     Names and shapes are checked first (:func:`check_tensors`), so nothing loads
     partially; each tensor is then read once, in the source's order, and assigned (a
-    memory-mapped tensor that needs no dtype or device change is used as is).
+    memory-mapped tensor that needs no dtype or device change is used as is; one that is
+    converted has its file pages dropped right after, so a conversion holds one tensor's
+    source at a time rather than the whole file).
     ``dtype=None`` / ``device=None`` keep the stored dtypes / devices.
     """
     with torch.device("meta"):
@@ -431,7 +434,13 @@ def load_module(
     expected = {name: tuple(t.shape) for name, t in own.items()}
     integer = [name for name, t in own.items() if not t.is_floating_point()]
     check_tensors(weights, expected, what, allow_unexpected=allow_unexpected, integer=integer)
-    state = {name: _own_storage(_convert(weights[name], device, dtype)) for name in weights if name in expected}
+    mappings = file_mappings()
+    state = {}
+    for name in (name for name in weights if name in expected):
+        source = weights[name]
+        state[name] = _own_storage(_convert(source, device, dtype))
+        if state[name].data_ptr() != source.data_ptr():  # converted: the file's pages are not needed
+            release_file_pages(source, mappings)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

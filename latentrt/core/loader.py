@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
+from latentrt.core.autotune import auto_choice
 from latentrt.core.checkpoint import Checkpoint, open_checkpoint
 from latentrt.core.errors import CheckpointError, InvalidRequest, PluginError, RuntimeUnavailable
 from latentrt.core.pipeline import Model, Pipeline
@@ -25,6 +27,8 @@ __all__ = [
     "runtime_plan",
 ]
 
+logger = logging.getLogger(__name__)
+
 RuntimeChoice = str | Mapping[str, str]
 """One runtime for every component (``"onnxruntime"``), or one per component (``{"unet": "onnxruntime"}``)."""
 _GROUPS = {"vae": "vae_", "text": "text_encoder"}  # shorthand component names: vae_decoder + vae_encoder, ...
@@ -32,14 +36,19 @@ _GROUPS = {"vae": "vae_", "text": "text_encoder"}  # shorthand component names: 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"fp32"``/``"fp16"``/``"bf16"`` (or a torch dtype) -> torch dtype."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """``"fp32"``/``"fp16"``/``"bf16"`` (or a torch dtype) -> torch dtype; ``"auto"``: the fastest
+    correct one for ``device`` (:mod:`latentrt.core.autotune`), logged in one line."""
+    if dtype == "auto":
+        choice = auto_choice(device or torch.device("cpu"))
+        logger.info(choice.describe())
+        return choice.dtype
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise InvalidRequest(f"dtype must be fp32, fp16 or bf16, got {dtype}")
         return dtype
     if dtype not in DTYPES:
-        raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -205,7 +214,8 @@ def load(
     """Load a single-file checkpoint or diffusers folder (optionally a separate VAE) into a Pipeline.
 
     ``path`` may also name a family's built-in weights: ``load("demo")`` is the small model
-    shipped with latentrt.
+    shipped with latentrt. ``dtype="auto"`` picks bf16 on CPUs with AVX512-BF16/AMX, fp32 on
+    other CPUs, fp16/bf16 on GPUs, and logs what it picked.
 
     ``prediction`` (``"eps"``/``"v"``) overrides what a sidecar ``.yaml`` or the diffusers
     scheduler config says; weights alone cannot tell. ``vae_tiling`` encodes and decodes
@@ -220,10 +230,11 @@ def load(
     if prediction not in (None, "eps", "v"):
         raise InvalidRequest(f"prediction must be 'eps' or 'v', got {prediction!r}")
     plugins = plugins or registry()
+    resolved = resolve_device(device)
     options: dict[str, Any] = {
         "vae": vae,
-        "device": resolve_device(device),
-        "dtype": resolve_dtype(dtype),
+        "device": resolved,
+        "dtype": resolve_dtype(dtype, resolved),
         "prediction": prediction,
         "vae_tiling": vae_tiling,
     }

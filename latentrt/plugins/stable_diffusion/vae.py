@@ -209,7 +209,10 @@ class AttnBlock(nn.Module):
         """``x + proj_out(softmax(q k^T / sqrt(c)) v)`` with tokens = pixels."""
         b, c, height, width = x.shape
         y = self.norm(x)
-        q, k, v = (t.reshape(b, 1, c, height * width).transpose(-1, -2) for t in (self.q(y), self.k(y), self.v(y)))
+        # contiguous: a transposed view (last-dim stride != 1) sends CPU SDPA to its O(pixels^2) math path
+        q, k, v = (
+            t.reshape(b, 1, c, height * width).transpose(-1, -2).contiguous() for t in (self.q(y), self.k(y), self.v(y))
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(c), as LDM
         out = out.transpose(-1, -2).reshape(b, c, height, width)
         projected: Tensor = self.proj_out(out)

@@ -1,0 +1,165 @@
+"""End-to-end txt2img against diffusers' ``from_single_file`` pipeline: same full-size SD 1.5 file
+(random weights), seed, Euler sampler, 20 steps, CFG 7, 256x256.
+
+Each library runs in its own fresh process (peak RSS never goes down): wall time of load + 20 steps +
+decode, load-to-first-step time (from the start of loading to the end of the first UNet step, via
+each pipeline's step callback), and peak RSS (``getrusage``). diffusers reads the single file offline,
+its configs from a local folder written here (``config=``, ``local_files_only``). Results:
+``benchmarks/results/e2e_vs_diffusers.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from full_size import CACHE, cached_sd15
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))
+
+from sd_fixtures import SCHEDULER_CONFIG, write_clip_tokenizer_files  # noqa: E402
+
+RESULTS = ROOT / "results"
+CONFIGS: dict[str, dict[str, Any]] = {  # runwayml/stable-diffusion-v1-5 component configs
+    "unet": {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    },
+    "vae": {
+        "_class_name": "AutoencoderKL",
+        "sample_size": 512,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+    },
+    "text_encoder": {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+        "vocab_size": 49408,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "scheduler": {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG},
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+PROMPT, NEGATIVE, SEED, STEPS, SIZE, CFG = "a photo of a cat", "", 1, 20, 256, 7.0
+
+PROBE = r"""
+import json, sys, time
+from latentrt.core.memory import peak_rss_bytes
+kind, path, config, steps, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+first = []
+start = time.perf_counter()
+if kind == "diffusers":
+    import diffusers, torch
+    pipe = diffusers.StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True,
+                                                              safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    def on_step(p, i, t, kw):
+        first.append(time.perf_counter()) if i == 0 else None
+        return kw
+    pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+         generator=torch.Generator().manual_seed(1), callback_on_step_end=on_step)
+else:
+    import latentrt
+    pipe = latentrt.load(path, dtype=kind.split()[-1], progress=False)
+    def on_step(info):
+        first.append(time.perf_counter()) if info.i == 0 else None
+    from latentrt import GenerationRequest
+    pipe.generate(GenerationRequest(prompt="a photo of a cat", steps=steps, cfg_scale=7.0, width=size, height=size,
+                                    seed=1, sampler="euler"), callback=on_step)
+print(json.dumps({"wall_s": time.perf_counter() - start, "first_step_s": first[0] - start,
+                  "peak_mb": peak_rss_bytes() / 2**20}))
+"""
+
+
+def diffusers_config_folder() -> Path:
+    """A local SD 1.5 diffusers folder with configs and tokenizer only, for ``from_single_file(config=)``."""
+    folder = CACHE / "sd15-diffusers-config"
+    for name, config in CONFIGS.items():
+        target = folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(config, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    write_clip_tokenizer_files(folder / "tokenizer")
+    tokens = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    tokenizer_config = {"model_max_length": 77, "unk_token": "<|endoftext|>", **tokens}
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def run(kind: str, path: Path, config: Path, steps: int, size: int) -> dict[str, Any]:
+    """One library in a fresh process: wall time, load-to-first-step and peak RSS."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    args = [sys.executable, "-c", PROBE, kind, str(path), str(config), str(steps), str(size)]
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return {"runner": kind, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    """Run diffusers and latentrt (fp32, bf16) and write the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--size", type=int, default=SIZE)
+    args = parser.parse_args()
+    path, config = cached_sd15(), diffusers_config_folder()
+    rows = [run(kind, path, config, args.steps, args.size) for kind in ("diffusers", "latentrt fp32", "latentrt bf16")]
+    base = rows[0]
+    for row in rows:
+        row.update({f"{k}_ratio": row[k] / base[k] for k in ("wall_s", "first_step_s", "peak_mb")})
+        print(json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "e2e_vs_diffusers.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        "| runner | wall s (ratio) | load to first step s (ratio) | peak RSS MB (ratio) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['runner']} | {r['wall_s']:.1f} ({r['wall_s_ratio']:.2f}) | {r['first_step_s']:.1f} "
+        f"({r['first_step_s_ratio']:.2f}) | {r['peak_mb']:.0f} ({r['peak_mb_ratio']:.2f}) |"
+        for r in rows
+    ]
+    title = f"SD 1.5 txt2img, {args.size}x{args.size}, {args.steps} steps, euler, CFG 7, seed 1"
+    (RESULTS / "e2e_vs_diffusers.md").write_text(f"{title}\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
