@@ -11,7 +11,6 @@ is recognised and what this family reads differently (see :mod:`.model`):
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -22,16 +21,14 @@ import torch
 from torch import Tensor
 
 from latentrt.core.checkpoint import Checkpoint, load_module, shape_of
-from latentrt.core.denoiser import DiscreteDenoiser, Prediction
+from latentrt.core.denoiser import Prediction
 from latentrt.core.errors import CheckpointError
-from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.pipeline import Model
 from latentrt.core.protocols import Conditioning
 from latentrt.plugins.demo.model import TOKEN_IDS_KEY, PrunedTokenEmbedding, demo_text_model
 from latentrt.plugins.stable_diffusion.clip import CLIPTextTransformer
-from latentrt.plugins.stable_diffusion.families import UNET_PREFIX, UNetBackbone, checkpoint_hasher, load_unet, load_vae
+from latentrt.plugins.stable_diffusion.families import UNET_PREFIX, UNetBackbone, assemble_model, load_unet, load_vae
 from latentrt.plugins.stable_diffusion.keys.clip import SD1_CLIP_PREFIX, sd1_text_weights
-from latentrt.plugins.stable_diffusion.runtime_components import sd_runtime_components
 from latentrt.plugins.stable_diffusion.text import SDTextEncoder
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 
@@ -114,24 +111,12 @@ class DemoFamily:
         unet = load_unet(tensors.with_prefix(UNET_PREFIX), "sd2", self.label, device, dtype)
         scale = read_scale(tensors)
         autoencoder, vae_name, vae_hash = load_vae(vae, tensors, scale, device, dtype, vae_tiling)
-        model = Model(
-            family=self.name,
-            text_encoder=DemoTextEncoder(text_model, CLIPTokenizer.from_package(), device),
-            denoiser=DiscreteDenoiser(UNetBackbone(unet), sd_model_sampling(), prediction or "eps"),
-            vae=autoencoder,
-            name=checkpoint.name,
-            default_size=self.default_size,
-            inpainting=False,
-            model_hash=checkpoint_hasher(checkpoint),
-            vae_name=vae_name,
-            vae_hash=vae_hash,
-            device=device,
-            dtype=dtype,
-        )
         # runtimes take over the same components as SD 1.x's, by default over the demo's own
         # sizes (16..128 px, best at 64; at 8x8 its GroupNorms see one value per group)
-        model.runtime_components = functools.partial(sd_runtime_components, model, default_sizes=DEMO_SIZES)
-        return model
+        text_encoder = DemoTextEncoder(text_model, CLIPTokenizer.from_package(), device)
+        return assemble_model(self.name, checkpoint, text_encoder, UNetBackbone(unet), prediction or "eps",
+                              (autoencoder, vae_name, vae_hash), default_size=self.default_size, device=device,
+                              dtype=dtype, sizes=DEMO_SIZES)  # fmt: skip
 
 
 def load_demo_text(weights: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> CLIPTextTransformer:

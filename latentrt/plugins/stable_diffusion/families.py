@@ -50,7 +50,7 @@ from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 from latentrt.plugins.stable_diffusion.unet import HeadConvention, UNet, UNetConfig
 from latentrt.plugins.stable_diffusion.vae import SD_SCALING_FACTOR, AutoencoderKL, Tiling
 
-__all__ = ["SD1", "SD2", "SDFamily", "UNetBackbone", "detect_family"]
+__all__ = ["SD1", "SD2", "SDFamily", "UNetBackbone", "assemble_model", "detect_family"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,22 +168,10 @@ class SDFamily:
         autoencoder, vae_name, vae_hash = load_vae(vae, vae_weights, SD_SCALING_FACTOR, device, dtype, vae_tiling)
         chosen = prediction or read_prediction(checkpoint) or "eps"
         logger.info("loaded %s (%s, %s prediction) on %s in %s", checkpoint.name, self.label, chosen, device, dtype)
-        model = Model(
-            family=self.name,
-            text_encoder=SDTextEncoder(text_model, tokenizer, device),
-            denoiser=DiscreteDenoiser(UNetBackbone(unet), sd_model_sampling(), chosen),
-            vae=autoencoder,
-            name=checkpoint.name,
-            default_size=self.default_size,
-            inpainting=unet.config.in_channels == 9,
-            model_hash=checkpoint_hasher(checkpoint),
-            vae_name=vae_name,
-            vae_hash=vae_hash,
-            device=device,
-            dtype=dtype,
-        )
-        model.runtime_components = functools.partial(sd_runtime_components, model)
-        return model
+        text_encoder = SDTextEncoder(text_model, tokenizer, device)
+        return assemble_model(self.name, checkpoint, text_encoder, UNetBackbone(unet), chosen,
+                              (autoencoder, vae_name, vae_hash), default_size=self.default_size, device=device,
+                              dtype=dtype)  # fmt: skip
 
     def _components(
         self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
@@ -233,6 +221,44 @@ def load_vae(
     autoencoder = AutoencoderKL.from_state_dict(weights, scaling_factor=scaling_factor, device=device, dtype=dtype)
     autoencoder.tiling = Tiling() if tiling else None
     return autoencoder, name, hasher
+
+
+def assemble_model(
+    family: str,
+    checkpoint: Checkpoint,
+    text_encoder: Any,
+    backbone: UNetBackbone,
+    prediction: Prediction,
+    vae: tuple[AutoencoderKL, str | None, Any],
+    *,
+    default_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: tuple[int, int, int] | None = None,
+    **extra: Any,
+) -> Model:
+    """The ``Model`` of an SD-like family (SD1/SD2, SDXL, the demo) from its loaded parts: the UNet
+    ``backbone`` on SD's discrete schedule with ``prediction``, ``vae`` as :func:`load_vae` returns it,
+    and the runtime components (:func:`sd_runtime_components`, export sizes ``sizes`` or the family's
+    default). ``extra``: further ``Model`` fields (SDXL's ``extra_conditioning``, ...)."""
+    autoencoder, vae_name, vae_hash = vae
+    model = Model(
+        family=family,
+        text_encoder=text_encoder,
+        denoiser=DiscreteDenoiser(backbone, sd_model_sampling(), prediction),
+        vae=autoencoder,
+        name=checkpoint.name,
+        default_size=default_size,
+        inpainting=backbone.unet.config.in_channels == 9,
+        model_hash=checkpoint_hasher(checkpoint),
+        vae_name=vae_name,
+        vae_hash=vae_hash,
+        device=device,
+        dtype=dtype,
+        **extra,
+    )
+    model.runtime_components = functools.partial(sd_runtime_components, model, default_sizes=sizes)
+    return model
 
 
 def checkpoint_hasher(checkpoint: Checkpoint) -> Any:

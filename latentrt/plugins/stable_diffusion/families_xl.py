@@ -12,7 +12,6 @@ OpenCLIP bigG under ``conditioner.embedders.1.model.`` (the refiner has bigG alo
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +22,7 @@ import torch
 from torch import Tensor
 
 from latentrt.core.checkpoint import Checkpoint
-from latentrt.core.denoiser import DiscreteDenoiser, Prediction
-from latentrt.core.model_sampling import sd_model_sampling
+from latentrt.core.denoiser import Prediction
 from latentrt.core.pipeline import Model
 from latentrt.core.protocols import ExportSpec
 from latentrt.core.request import GenerationRequest
@@ -33,7 +31,7 @@ from latentrt.plugins.stable_diffusion.export import LATENT_SCALE, unet_export_s
 from latentrt.plugins.stable_diffusion.families import (
     UNET_PREFIX,
     UNetBackbone,
-    checkpoint_hasher,
+    assemble_model,
     detect_family,
     load_unet,
     load_vae,
@@ -47,7 +45,6 @@ from latentrt.plugins.stable_diffusion.keys.clip import (
     from_transformers,
 )
 from latentrt.plugins.stable_diffusion.keys.unet import diffusers_to_ldm_unet
-from latentrt.plugins.stable_diffusion.runtime_components import sd_runtime_components
 from latentrt.plugins.stable_diffusion.text_xl import SDXLTextEncoder, TextBranch
 from latentrt.plugins.stable_diffusion.tokenizer import CLIPTokenizer
 from latentrt.plugins.stable_diffusion.unet import sdxl_adm_vector
@@ -137,24 +134,10 @@ class SDXLFamily:
             ids = sdxl_time_ids(request, width, height, refiner=self.refiner, negative=negative)
             return {"time_ids": ids.to(device)}
 
-        model = Model(
-            family=self.name,
-            text_encoder=SDXLTextEncoder(branches, device),
-            denoiser=DiscreteDenoiser(SDXLBackbone(unet, 5 if self.refiner else 6), sd_model_sampling(), chosen),
-            vae=autoencoder,
-            name=checkpoint.name,
-            default_size=1024,
-            inpainting=unet.config.in_channels == 9,
-            model_hash=checkpoint_hasher(checkpoint),
-            vae_name=vae_name,
-            vae_hash=vae_hash,
-            extra_conditioning=extra,
-            zero_empty_negative=not self.refiner,
-            device=device,
-            dtype=dtype,
-        )
-        model.runtime_components = functools.partial(sd_runtime_components, model)
-        return model
+        backbone = SDXLBackbone(unet, 5 if self.refiner else 6)
+        return assemble_model(self.name, checkpoint, SDXLTextEncoder(branches, device), backbone, chosen,
+                              (autoencoder, vae_name, vae_hash), default_size=1024, device=device, dtype=dtype,
+                              extra_conditioning=extra, zero_empty_negative=not self.refiner)  # fmt: skip
 
     def _components(
         self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
