@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark (under 8 minutes on one H200): full-size SD 1.5 at 512x512 and SDXL at 1024x1024,
-# random fp16 weights, batch 1 with CFG, 20 steps: latentrt it/s and peak GPU memory, and diffusers'
-# UNet in the same loop when diffusers is installed (skipped with a message otherwise).
+# random fp16 weights, batch 1 with CFG, 20 steps: latentrt it/s and peak GPU memory for the UNet on
+# eager torch, channels-last, CUDA graphs (and both) and torch.compile (skipped when its compile would
+# run past the time budget), and diffusers' UNet in the same loop when diffusers is installed (skipped
+# with a message otherwise).
 #   bash benchmarks/gpu.sh [OUT_DIR]      (default: benchmarks/results; $OUT when set)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,6 +9,7 @@ import argparse
 import json
 from typing import Any
 
+from latentrt.cli_generate import add_memory_options
 from latentrt.core.loader import resolve_dtype
 from latentrt.core.memory import format_bytes, parse_bytes
 from latentrt.plugins.stable_diffusion.estimate import (
@@ -34,6 +35,7 @@ def add_estimate_parser(commands: Any, positive_int: Any) -> None:
     est.add_argument("--no-cfg", dest="cfg", action="store_false", help="CFG scale 1: the UNet runs on the batch once")
     est.add_argument("--dtype", choices=("fp32", "fp16", "bf16", "auto"), default="fp32", help="compute precision")
     est.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode in 512-pixel tiles")
+    add_memory_options(est)
     est.add_argument("--budget", help="memory the run may use, e.g. 4GB, 512MB (binary units)")
     est.add_argument("--json", action="store_true", help="machine-readable output")
     est.set_defaults(run=cmd_estimate)
@@ -44,7 +46,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     budget = None if args.budget is None else parse_bytes(args.budget)
     arch = architecture(args.model)
     dtype = resolve_dtype(args.dtype)
-    settings = Settings(args.width, args.height, args.batch, args.cfg, dtype, args.vae_tiling, args.steps)
+    storage = None if args.storage_dtype is None else resolve_dtype(args.storage_dtype)
+    settings = Settings(
+        args.width, args.height, args.batch, args.cfg, dtype, args.vae_tiling, args.steps,
+        storage=None if storage == dtype else storage, offload=args.offload == "sequential",
+    )  # fmt: skip
     result = estimate(arch, settings, baseline=interpreter_baseline())
     fits = budget is None or result.peak <= budget
     if args.json:

@@ -60,8 +60,9 @@ def add_size_options(parser: argparse.ArgumentParser, positive_int: Any) -> None
 def add_runtime_options(parser: argparse.ArgumentParser, positive_int: Any) -> None:
     """``--runtime``, ``--engines`` and the size options, for ``generate``."""
     parser.add_argument("--runtime", type=parse_runtime,
-                        help="run on another runtime: onnxruntime, tensorrt (with --device cuda), or per "
-                             "component (unet=tensorrt,vae=torch); exports on first use")  # fmt: skip
+                        help="run on another runtime: onnxruntime, tensorrt, torch_cuda_graphs, "
+                             "torch_channels_last, torch_compile, per component (unet=tensorrt,vae=torch), "
+                             "or auto (the fastest measured here); exports on first use")  # fmt: skip
     parser.add_argument("--engines", help="engine cache folder (default: $LATENTRT_CACHE/engines)")
     add_size_options(parser, positive_int)
 
@@ -90,6 +91,8 @@ def check_runtimes(plugins: Registry, choice: RuntimeChoice, device: str) -> Non
         target = torch.device(device)
     except (RuntimeError, TypeError):
         return  # an unknown device is the loader's error to report
+    if choice == "auto":
+        return  # the loader picks among what can run here
     for name in [choice] if isinstance(choice, str) else sorted(set(choice.values())):
         spec = plugins.runtime(name)  # an unknown runtime is a PluginError naming the valid ones
         runtime = spec.factory()

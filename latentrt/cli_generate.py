@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from latentrt.cli_export import add_runtime_options, check_runtimes, engine_limits
-from latentrt.core.autotune import auto_choice
+from latentrt.core.autotune import auto_choice, auto_runtime
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.loader import load, resolve_device
 from latentrt.core.parameters import parse_parameters, read_png_parameters, save_png
@@ -143,6 +143,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request.validate()
     if args.dtype == "auto":  # say what auto picked (the loader logs it too)
         print(auto_choice(resolve_device(args.device)).describe())
+    if args.runtime == "auto":
+        memory = args.storage_dtype is not None or args.offload != "none"
+        print(auto_runtime(resolve_device(args.device), compilable=True, memory_options=memory).describe())
     pipeline = load(
         checkpoint,
         vae=args.vae,
@@ -154,6 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         engines=args.engines,
         limits=engine_limits(args),
+        storage_dtype=args.storage_dtype,
+        offload=args.offload,
     )
     result = pipeline.generate(request)
     for path, image, text in zip(
@@ -195,6 +200,7 @@ def add_generate_parser(commands: Any, positive_int: Any) -> None:
         "--dtype", choices=("fp32", "fp16", "bf16", "auto"), default="fp32", help="auto: fastest for the device"
     )
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_memory_options(gen)
     add_runtime_options(gen, positive_int)
     xl = gen.add_argument_group("SDXL")
     xl.add_argument("--prompt-2", dest="prompt_2", help="prompt for the second text encoder (default: PROMPT)")
@@ -210,6 +216,19 @@ def add_generate_parser(commands: Any, positive_int: Any) -> None:
     gen.add_argument("--output", default="output.png", help="PNG path; batches get -1, -2, ... suffixes")
     gen.add_argument("--from-png", dest="from_png", help="regenerate an image from its parameters text")
     gen.set_defaults(run=cmd_generate)
+
+
+def add_memory_options(parser: Any) -> None:
+    """``--storage-dtype`` and ``--offload`` (README "Memory")."""
+    memory = parser.add_argument_group("memory")
+    memory.add_argument(
+        "--storage-dtype", dest="storage_dtype", choices=("fp16", "bf16"),
+        help="keep layer weights in 16 bits, upcast one layer at a time to --dtype as it runs",
+    )  # fmt: skip
+    memory.add_argument(
+        "--offload", choices=("none", "sequential"), default="none",
+        help="sequential: one network resident at a time (text encoder -> UNet -> VAE)",
+    )  # fmt: skip
 
 
 def _pair(text: str, separator: str = ",") -> tuple[int, int]:

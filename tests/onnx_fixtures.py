@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from sd_fixtures import TinySD, tiny_sd1
+from sd_fixtures import TinySD, psnr, tiny_sd1
 from torch import Tensor, nn
 
 import latentrt
@@ -61,12 +60,6 @@ def tiny_sd1_engines(tmp_path_factory: pytest.TempPathFactory) -> TinyEngines:
         onnx = latentrt.load(model.single_file, runtime="onnxruntime", engines=engines, limits=LIMITS, progress=False)
         _BUILT["sd1"] = TinyEngines(model, engines, latentrt.load(model.single_file, progress=False), onnx)
     return _BUILT["sd1"]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 image arrays, in dB (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 class TinyConv(nn.Module):

@@ -64,6 +64,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -223,6 +224,12 @@ class TinySD:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 image arrays, in dB (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 # --- random weights ---------------------------------------------------------------------

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sd_fixtures import psnr, tiny_sd1
 
 import latentrt
-from latentrt.core.autotune import auto_choice, cpu_flags, native_bf16_cpu
+from latentrt.core.autotune import auto_choice, auto_runtime, cpu_flags, native_bf16_cpu
 from latentrt.core.loader import resolve_dtype
-from tests.sd_fixtures import tiny_sd1
 
 ICE_LAKE = frozenset({"avx512f", "avx512bw", "avx512_vnni"})
 SAPPHIRE_RAPIDS = ICE_LAKE | {"avx512_bf16", "amx_bf16", "amx_tile"}
@@ -42,12 +43,6 @@ def test_auto_dtype_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> N
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto: ")] != []
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two 8-bit images, in dB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def _images(path: str | Path, dtype: str, size: int) -> list[np.ndarray]:
     pipe = latentrt.load(path, dtype=dtype, progress=False)
     result = pipe(["a red circle", "a small blue square"], batch_size=2, width=size, height=size, steps=8, seed=3)
@@ -60,3 +55,48 @@ def test_bf16_images_are_within_30_db_psnr_of_fp32(model: str, tmp_path_factory:
     size = 64
     for full, half in zip(_images(path, "fp32", size), _images(path, "bf16", size), strict=True):
         assert psnr(full, half) >= 30.0
+
+
+# --- runtime="auto" -----------------------------------------------------------------------
+
+
+def test_auto_runtime_puts_the_unet_on_onnxruntime_on_cpu_only_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert auto_runtime(cpu, compilable=True).plan == {"unet": "onnxruntime"}
+    assert auto_runtime(cpu, compilable=False).plan is None
+    assert auto_runtime(cpu, compilable=True, memory_options=True).plan is None
+    assert auto_runtime(torch.device("cuda"), compilable=True).plan is None
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
+    missing = auto_runtime(cpu, compilable=True)
+    assert missing.plan is None and "pip install 'latentrt[onnx]'" in missing.describe()
+
+
+@pytest.fixture(scope="module")
+def demo_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One engine folder for this module: the demo UNet is exported once (~30 s), then reused."""
+    return tmp_path_factory.mktemp("demo-engines")
+
+
+def test_auto_runtime_runs_the_demo_unet_on_onnxruntime(demo_engines: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="latentrt.core.loader"):
+        auto = latentrt.load("demo", runtime="auto", engines=demo_engines, progress=False)
+    assert "auto runtime: unet on onnxruntime" in caplog.text
+    assert type(auto.model.denoiser.backbone).__name__ == "CompiledUNet"  # type: ignore[attr-defined]
+    assert [p.name for p in demo_engines.iterdir()] != []  # the export went to the engines folder
+    request = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 6, "seed": 2}
+    plain = np.asarray(latentrt.load("demo", progress=False)(**request).images[0])
+    assert psnr(plain, np.asarray(auto(**request).images[0])) >= 40.0
+    with_memory_option = latentrt.load("demo", runtime="auto", offload="sequential", progress=False)
+    assert type(with_memory_option.model.denoiser.backbone).__name__ != "CompiledUNet"  # type: ignore[attr-defined]
+
+
+def test_cli_says_what_auto_picked(tmp_path: Path, demo_engines: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from latentrt.cli import main
+
+    out = tmp_path / "a.png"
+    args = ["generate", "a red circle", "--checkpoint", "demo", "--steps", "2", "--width", "64", "--height", "64"]
+    options = ["--runtime", "auto", "--dtype", "auto", "--engines", str(demo_engines), "--output", str(out)]
+    assert main([*args, *options]) == 0
+    printed = capsys.readouterr().out
+    assert "auto runtime: unet on onnxruntime" in printed and "auto: " in printed and out.exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sd_fixtures import tiny_sd1
 from torch.utils.flop_counter import FlopCounterMode
 
 import latentrt
@@ -24,7 +25,6 @@ from latentrt.core.errors import InvalidRequest
 from latentrt.core.memory import format_bytes, parse_bytes, trace
 from latentrt.plugins.stable_diffusion.estimate import REFERENCE_FLOPS, Settings, architecture, estimate
 from latentrt.plugins.stable_diffusion.unet import UNet
-from tests.sd_fixtures import tiny_sd1
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -112,6 +112,38 @@ def test_options_that_save_memory_lower_the_estimate() -> None:
     assert estimate(arch, Settings(1024, 1024, batch=2)).peak > plain.peak
 
 
+def test_storage_dtype_holds_the_weights_in_16_bits_plus_one_upcast_layer() -> None:
+    arch = architecture("sd1")
+    plain, stored = estimate(arch, Settings(512, 512)), estimate(arch, Settings(512, 512, storage=torch.float16))
+    assert stored.weights["unet"] == 2 * 859_520_964 == plain.weights["unet"] // 2
+    # the largest layer upcast while it runs: SD 1.5's up-block 3x3 convolution from the 2560 concatenated
+    # channels to 1280 (larger than the 1280 -> 2 x 5120 GEGLU projection)
+    upcast = (stored.stages["unet"] - stored.weights["text"] - stored.weights["unet"] - stored.weights["vae"]) - (
+        plain.stages["unet"] - sum(plain.weights.values())
+    )
+    assert upcast == 2560 * 1280 * 3 * 3 * 4
+
+
+def test_offload_holds_one_network_per_stage() -> None:
+    arch = architecture("sd1")
+    plain, offloaded = estimate(arch, Settings(512, 512)), estimate(arch, Settings(512, 512, offload=True))
+    weights = plain.weights
+    assert offloaded.stages["load"] == max(weights.values())
+    for stage, own in (("text", "text"), ("unet", "unet"), ("decode", "vae")):
+        others = sum(size for name, size in weights.items() if name != own)
+        assert offloaded.stages[stage] == plain.stages[stage] - others
+    assert offloaded.peak < plain.peak
+
+
+def test_cli_estimates_the_memory_options(capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["estimate", "sd1", "--width", "256", "--height", "256", "--json"]
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*common, "--storage-dtype", "fp16", "--offload", "sequential"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["weights"]["unet"] * 2 == plain["weights"]["unet"] and both["peak_bytes"] < plain["peak_bytes"] / 1.8
+
+
 def test_size_not_a_multiple_of_the_latent_grid_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="multiple of 64"):
         estimate(architecture("sd1"), Settings(500, 512))
@@ -133,9 +165,9 @@ def _fresh(args: list[str]) -> dict[str, int]:
     return reading
 
 
-def check_against_a_real_run(model: str, width: int, batch: int, dtype: str = "fp32") -> None:
+def check_against_a_real_run(model: str, width: int, batch: int, dtype: str = "fp32", *options: str) -> None:
     """Estimate (``latentrt estimate`` in a fresh process, its own baseline) within 15% of the measured peak."""
-    common = ["--width", str(width), "--height", str(width), "--batch", str(batch), "--dtype", dtype]
+    common = ["--width", str(width), "--height", str(width), "--batch", str(batch), "--dtype", dtype, *options]
     predicted = _fresh([sys.executable, "-m", "latentrt.cli", "estimate", model, *common, "--json"])
     measured = _fresh([sys.executable, "tools/measure_peak.py", model, *common])
     assert predicted["peak_bytes"] == pytest.approx(measured["peak"], rel=0.15), (predicted, measured)
@@ -150,6 +182,11 @@ def test_estimate_is_within_15_percent_of_a_real_demo_run_at_512() -> None:
 @pytest.mark.parametrize(("width", "batch", "dtype"), [(64, 1, "fp32"), (256, 2, "fp32"), (512, 2, "bf16")])
 def test_estimate_is_within_15_percent_of_real_demo_runs(width: int, batch: int, dtype: str) -> None:
     check_against_a_real_run("demo", width, batch, dtype)
+
+
+@pytest.mark.slow
+def test_estimate_is_within_15_percent_of_a_real_demo_run_with_the_memory_options() -> None:
+    check_against_a_real_run("demo", 512, 2, "fp32", "--storage-dtype", "fp16", "--offload", "sequential")
 
 
 @pytest.mark.slow

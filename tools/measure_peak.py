@@ -1,6 +1,7 @@
 """Measure one real generation's peak resident set, in a fresh process, to check ``latentrt estimate``.
 
     python tools/measure_peak.py MODEL --width 256 --height 256 --batch 1 --dtype fp32 [--steps 2]
+        [--storage-dtype fp16] [--offload sequential]
 
 Prints one JSON line: the RSS after ``import latentrt`` (``base``), after loading (``loaded``), the peak
 after loading (``load_peak``) and the peak of the whole run (``peak``, ``VmHWM``), all in bytes,
@@ -27,10 +28,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--vae-tiling", dest="vae_tiling", action="store_true")
+    parser.add_argument("--storage-dtype", dest="storage_dtype", choices=("fp16", "bf16"))
+    parser.add_argument("--offload", choices=("none", "sequential"), default="none")
     args = parser.parse_args()
     base = rss_bytes()
     start = time.perf_counter()
-    pipe = latentrt.load(args.model, dtype=args.dtype, vae_tiling=args.vae_tiling, progress=False)
+    pipe = latentrt.load(
+        args.model, dtype=args.dtype, vae_tiling=args.vae_tiling, progress=False,
+        storage_dtype=args.storage_dtype, offload=args.offload,
+    )  # fmt: skip
     loaded, load_peak, load_s = rss_bytes(), peak_rss_bytes(), time.perf_counter() - start
     start = time.perf_counter()
     pipe("a red circle", width=args.width, height=args.height, batch_size=args.batch, steps=args.steps, seed=1)

@@ -26,7 +26,9 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from latentrt.core.errors import CheckpointError
+from latentrt.core.layerwise import install_layerwise_casting, storage_dtype, stored_parameter_names
 from latentrt.core.memory import file_mappings, release_file_pages
+from latentrt.core.offload import file_back_loaded
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -426,7 +428,9 @@ def load_module(
     memory-mapped tensor that needs no dtype or device change is used as is; one that is
     converted has its file pages dropped right after, so a conversion holds one tensor's
     source at a time rather than the whole file).
-    ``dtype=None`` / ``device=None`` keep the stored dtypes / devices.
+    ``dtype=None`` / ``device=None`` keep the stored dtypes / devices. Inside
+    :func:`latentrt.core.layerwise.storing`, layer weights are converted to the storage dtype
+    instead and upcast layer by layer as the module runs.
     """
     with torch.device("meta"):
         module = build()
@@ -434,14 +438,19 @@ def load_module(
     expected = {name: tuple(t.shape) for name, t in own.items()}
     integer = [name for name, t in own.items() if not t.is_floating_point()]
     check_tensors(weights, expected, what, allow_unexpected=allow_unexpected, integer=integer)
+    stored = storage_dtype(dtype)
+    reduced = stored_parameter_names(module) if stored is not None else set()
     mappings = file_mappings()
     state = {}
     for name in (name for name in weights if name in expected):
         source = weights[name]
-        state[name] = _own_storage(_convert(source, device, dtype))
+        state[name] = _own_storage(_convert(source, device, stored if name in reduced else dtype))
         if state[name].data_ptr() != source.data_ptr():  # converted: the file's pages are not needed
             release_file_pages(source, mappings)
     module.load_state_dict(state, strict=True, assign=True)
+    if stored is not None and dtype is not None:
+        install_layerwise_casting(module, dtype)
+    file_back_loaded(module)
     return module.eval().requires_grad_(False)
 
 

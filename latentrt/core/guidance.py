@@ -53,6 +53,7 @@ class CFGDenoiser:
         if self.scale.shape != (batch,):
             raise InvalidRequest(f"CFG scale must have one value per image ({batch}), got {tuple(self.scale.shape)}")
         self._both = None if self.uncond is None else Conditioning.cat([self.cond, self.uncond])
+        self._rescaled = self.rescale is not None and bool((self.rescale > 0).any())  # once, not per step
 
     @property
     def model_sampling(self) -> ModelSampling:
@@ -68,6 +69,6 @@ class CFGDenoiser:
         s = append_dims(sigma.to(x.dtype), x.ndim)
         eps_cond, eps_uncond = (x - x0_cond) / s, (x - x0_uncond) / s
         eps = eps_uncond + append_dims(self.scale.to(x), x.ndim) * (eps_cond - eps_uncond)
-        if self.rescale is not None and bool((self.rescale > 0).any()):
+        if self._rescaled and self.rescale is not None:
             eps = rescale_guidance(eps, eps_cond, self.rescale.to(x))
         return x - s * eps

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
-from latentrt.core.autotune import auto_choice
+from latentrt.core.autotune import auto_choice, auto_runtime
 from latentrt.core.checkpoint import Checkpoint, open_checkpoint
 from latentrt.core.errors import CheckpointError, InvalidRequest, PluginError, RuntimeUnavailable
+from latentrt.core.layerwise import storing
+from latentrt.core.offload import OFFLOAD_MODES, enable_sequential_offload, spilling
 from latentrt.core.pipeline import Model, Pipeline
 from latentrt.core.protocols import CompiledModule, CompileRequest, Runtime, ShapeLimits
 from latentrt.core.registry import Registry, registry
@@ -210,6 +213,8 @@ def load(
     runtime: RuntimeChoice | None = None,
     engines: str | Path | None = None,
     limits: ShapeLimits | None = None,
+    storage_dtype: str | torch.dtype | None = None,
+    offload: str = "none",
 ) -> Pipeline:
     """Load a single-file checkpoint or diffusers folder (optionally a separate VAE) into a Pipeline.
 
@@ -223,12 +228,20 @@ def load(
     SDXL refiner checkpoint that requests hand over to with ``refiner_switch_at``.
 
     ``runtime`` runs components on another runtime than eager torch: ``"onnxruntime"`` for all of
-    them, or per component (``{"unet": "onnxruntime", "vae": "torch"}``; see :func:`compile_model`).
+    them, or per component (``{"unet": "onnxruntime", "vae": "torch"}``; see :func:`compile_model`);
+    ``"auto"`` picks the fastest measured plan for the device and logs it
+    (:func:`latentrt.core.autotune.auto_runtime`).
     Engines are built on first use into ``engines`` (default ``$LATENTRT_CACHE``) for the sizes and
     batch in ``limits``, and reused after.
+
+    Memory: ``storage_dtype="fp16"``/``"bf16"`` keeps layer weights in 16 bits and upcasts one
+    layer at a time to ``dtype`` as it runs (:mod:`latentrt.core.layerwise`);
+    ``offload="sequential"`` keeps one network resident at a time (:mod:`latentrt.core.offload`).
     """
     if prediction not in (None, "eps", "v"):
         raise InvalidRequest(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    stored = _storage_dtype(storage_dtype)
+    _check_memory_options(stored, offload, None if runtime == "auto" else runtime)
     plugins = plugins or registry()
     resolved = resolve_device(device)
     options: dict[str, Any] = {
@@ -239,11 +252,17 @@ def load(
         "vae_tiling": vae_tiling,
     }
     checkpoint = open_checkpoint(builtin_checkpoint(path, plugins))
-    model = _family_for(checkpoint, plugins)(checkpoint, **options)
+    with _memory_options(stored, offload, resolved):
+        model = _family_for(checkpoint, plugins)(checkpoint, **options)
     refiner_model = None
     if refiner is not None:
         refiner_checkpoint = open_checkpoint(refiner)
-        refiner_model = _family_for(refiner_checkpoint, plugins)(refiner_checkpoint, **{**options, "vae": None})
+        with _memory_options(stored, offload, resolved):
+            refiner_model = _family_for(refiner_checkpoint, plugins)(refiner_checkpoint, **{**options, "vae": None})
+    if runtime == "auto":
+        picked = auto_runtime(resolved, model.runtime_components is not None, stored is not None or offload != "none")
+        logger.info(picked.describe())
+        runtime = picked.plan
     if runtime is not None:
         settings: dict[str, Any] = {"limits": limits, "engines": engines, "plugins": plugins, "progress": progress}
         vae_source = checkpoint.path if vae is None else Path(vae).expanduser()
@@ -251,4 +270,45 @@ def load(
         if refiner_model is not None:
             weights = {"checkpoint": refiner_checkpoint.path, "vae": refiner_checkpoint.path}
             compile_model(refiner_model, runtime, weights=weights, **settings)
-    return Pipeline(model, plugins, progress=progress, refiner=refiner_model)
+    pipeline = Pipeline(model, plugins, progress=progress, refiner=refiner_model)
+    if offload == "sequential":
+        pipeline.offload = enable_sequential_offload(_offloaded_components(model, refiner_model), resolved)
+    return pipeline
+
+
+def _storage_dtype(storage_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None``, ``"fp16"``/``"bf16"`` (or the torch dtype) -> the storage dtype; anything else is refused."""
+    if storage_dtype is None or storage_dtype in ("none", "same"):
+        return None
+    stored = DTYPES.get(storage_dtype) if isinstance(storage_dtype, str) else storage_dtype
+    if stored not in (torch.float16, torch.bfloat16):
+        raise InvalidRequest(f"storage_dtype must be fp16 or bf16 (or none), got {storage_dtype!r}")
+    return stored
+
+
+@contextlib.contextmanager
+def _memory_options(stored: torch.dtype | None, offload: str, device: torch.device) -> Iterator[None]:
+    """Families loaded in here store layer weights in ``stored`` and, offloading, park each network once loaded."""
+    with storing(stored), spilling(device if offload == "sequential" else None):
+        yield
+
+
+def _check_memory_options(stored: torch.dtype | None, offload: str, runtime: RuntimeChoice | None) -> None:
+    """Refuse memory options that do not apply."""
+    if offload not in OFFLOAD_MODES:
+        raise InvalidRequest(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    if runtime is not None and (stored is not None or offload != "none"):
+        raise InvalidRequest(
+            "storage_dtype and offload apply to torch components; a compiled runtime keeps its own weights: "
+            "drop runtime= or the memory option"
+        )
+
+
+def _offloaded_components(model: Model, refiner: Model | None) -> dict[str, object]:
+    """Components in the order a generation uses them; the refiner's after the base model's."""
+    parts: dict[str, object] = {}
+    for prefix, each in (("", model), ("refiner_", refiner)):
+        if each is not None:
+            parts.update({f"{prefix}text_encoder": each.text_encoder, f"{prefix}unet": each.denoiser})
+            parts[f"{prefix}vae"] = each.vae
+    return parts

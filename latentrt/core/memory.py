@@ -26,7 +26,19 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from latentrt.core.errors import InvalidRequest
 
-__all__ = ["MMAP_THRESHOLD_MAX", "Trace", "format_bytes", "parse_bytes", "peak_rss_bytes", "rss_bytes", "trace"]
+__all__ = [
+    "MMAP_THRESHOLD_MAX",
+    "Trace",
+    "file_mappings",
+    "format_bytes",
+    "parse_bytes",
+    "peak_rss_bytes",
+    "release_file_pages",
+    "resident_fraction",
+    "return_freed_heap",
+    "rss_bytes",
+    "trace",
+]
 
 MMAP_THRESHOLD_MAX = 32 * 2**20
 """glibc's ``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems: allocations this large are always mmapped."""
@@ -56,13 +68,15 @@ _PAGE = resource.getpagesize()
 
 
 def file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
-    """Address ranges of this process's private mappings of files ending in ``suffix`` (Linux)."""
+    """Address ranges of this process's private mappings of files ending in ``suffix`` (Linux),
+    unlinked files included."""
     ranges = []
     try:
         with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[1].endswith("p") and fields[5].rstrip().endswith(suffix):
+                path = fields[5].rstrip().removesuffix(" (deleted)") if len(fields) == 6 else ""
+                if fields[1].endswith("p") and path.endswith(suffix):
                     start, end = fields[0].split("-")
                     ranges.append((int(start, 16), int(end, 16)))
     except OSError:
@@ -89,6 +103,33 @@ def release_file_pages(tensor: torch.Tensor, mappings: Sequence[tuple[int, int]]
     if last <= first or _libc is None:
         return False
     return bool(_libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0)
+
+
+def resident_fraction(tensor: torch.Tensor) -> float:
+    """Fraction of ``tensor``'s memory pages present in this process's page tables (Linux
+    ``/proc/self/pagemap``, bit 63 of each page's entry); 1.0 where that cannot be read."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 1.0
+    start = tensor.data_ptr() // _PAGE
+    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _PAGE)
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(start * 8)
+            entries = pagemap.read((end - start) * 8)
+    except OSError:
+        return 1.0
+    present = sum(entries[k * 8 + 7] >> 7 for k in range(len(entries) // 8))  # bit 63: page present
+    return present / max(1, end - start)
+
+
+def return_freed_heap() -> bool:
+    """Hand the heap's freed pages back to the system (glibc ``malloc_trim(0)``); whether it could.
+
+    glibc keeps freed allocations under ``MMAP_THRESHOLD_MAX`` in its heap, so after many
+    medium-sized tensors are freed at once (a network's weights moved to a file mapping) the
+    resident set would otherwise stay as if they were still there."""
+    trim = getattr(_libc, "malloc_trim", None)
+    return bool(trim is not None and trim(0))
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -128,15 +169,10 @@ def _status_bytes(field: str) -> int:
 
 @dataclass(frozen=True)
 class Trace:
-    """What one traced call needed: the peak of live tensor bytes it created, and its FLOPs.
-
-    ``peak_heap_bytes`` counts only tensors below glibc's largest mmap threshold (32 MiB): freed,
-    those stay in the allocator's heap, while larger ones are unmapped and go back to the system.
-    """
+    """What one traced call needed: the peak of live tensor bytes it created, and its FLOPs."""
 
     peak_bytes: int
     flops: int
-    peak_heap_bytes: int = 0
 
 
 class _LiveTensors(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -150,8 +186,6 @@ class _LiveTensors(TorchDispatchMode):  # type: ignore[no-untyped-call]
         super().__init__()  # type: ignore[no-untyped-call]
         self.live = 0
         self.peak = 0
-        self.heap = 0
-        self.peak_heap = 0
         self.flops = 0
         self._storages: dict[int, list[int]] = {}  # storage id -> [tensors alive, bytes]
 
@@ -178,9 +212,6 @@ class _LiveTensors(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._storages[key] = [1, size]
             self.live += size
             self.peak = max(self.peak, self.live)
-            if size < MMAP_THRESHOLD_MAX:
-                self.heap += size
-                self.peak_heap = max(self.peak_heap, self.heap)
         else:
             entry[0] += 1
         weakref.finalize(tensor, self._release, key)
@@ -190,8 +221,6 @@ class _LiveTensors(TorchDispatchMode):  # type: ignore[no-untyped-call]
         entry[0] -= 1
         if entry[0] == 0:
             self.live -= entry[1]
-            if entry[1] < MMAP_THRESHOLD_MAX:
-                self.heap -= entry[1]
             del self._storages[key]
 
 
@@ -216,4 +245,4 @@ def trace(call: Callable[[], object]) -> Trace:
     """
     with torch.inference_mode(), _LiveTensors() as tracker:
         call()
-    return Trace(tracker.peak, tracker.flops, tracker.peak_heap)
+    return Trace(tracker.peak, tracker.flops)

@@ -9,7 +9,7 @@ the table entries are interpolated linearly in ``log sigma``, as k-diffusion's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ class DiscreteModelSampling:
     """
 
     sigmas: Tensor
+    _tables: dict[torch.device, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_betas(cls, betas: Tensor) -> DiscreteModelSampling:
@@ -58,10 +59,17 @@ class DiscreteModelSampling:
         """``alpha_bar_t = 1 / (1 + sigma_t^2)``, for DDIM-style samplers."""
         return 1.0 / (1.0 + self.sigmas.to(torch.float64) ** 2)
 
+    def log_sigmas_on(self, device: torch.device) -> Tensor:
+        """:attr:`log_sigmas` on ``device``, moved there once: a copy per step would make the host wait for the GPU."""
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self.log_sigmas.to(device)
+        return table
+
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous timestep of ``sigma``: piecewise linear in log-sigma, clamped to the table."""
         sigma = torch.as_tensor(sigma)
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = self.log_sigmas_on(sigma.device)
         log_sigma = sigma.to(log_sigmas.dtype).clamp(min=1e-10).log().reshape(-1)
         dists = log_sigma - log_sigmas[:, None]
         low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(log_sigmas) - 2)
@@ -74,7 +82,7 @@ class DiscreteModelSampling:
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at continuous timestep ``t``: ``exp`` of the interpolated log-sigma."""
         t = torch.as_tensor(t)
-        log_sigmas = self.log_sigmas.to(t.device)
+        log_sigmas = self.log_sigmas_on(t.device)
         t_f = t.to(log_sigmas.dtype).clamp(0, len(log_sigmas) - 1)
         low_idx, high_idx, w = t_f.floor().long(), t_f.ceil().long(), t_f.frac()
         log_sigma = (1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]

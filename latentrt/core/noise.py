@@ -94,7 +94,15 @@ class GaussianNoise:
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         """Fresh ``N(0, I)`` noise shaped like the latent (sigmas are ignored)."""
         noise = _randn_per_image(self._generators, self._like.shape[1:])
-        return noise.to(device=self._like.device, dtype=self._like.dtype)
+        return to_like(noise, self._like)
+
+
+def to_like(noise: Tensor, like: Tensor) -> Tensor:
+    """CPU-drawn ``noise`` in ``like``'s device and dtype; to a GPU through pinned memory without
+    blocking, so the host never waits for the GPU between sampler steps."""
+    if like.device.type == "cuda":
+        noise = noise.pin_memory().to(like.device, non_blocking=True)
+    return noise.to(device=like.device, dtype=like.dtype)
 
 
 def _splitmix64(value: int) -> int:
@@ -182,7 +190,7 @@ class BrownianTreeNoise:
         if scale == 0.0:
             raise InvalidRequest(f"cannot draw a Brownian increment over an empty step at sigma {s}")
         increments = torch.stack([(tree(s_next) - tree(s)) / scale for tree in self._trees])
-        return increments.to(device=self._like.device, dtype=self._like.dtype)
+        return to_like(increments, self._like)
 
 
 def noise_for_sampler(

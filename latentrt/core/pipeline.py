@@ -29,6 +29,7 @@ from tqdm import tqdm
 from latentrt._version import __version__
 from latentrt.core.errors import InvalidRequest, LatentRTError
 from latentrt.core.guidance import CFGDenoiser
+from latentrt.core.memory import return_freed_heap
 from latentrt.core.noise import initial_noise, make_generators, noise_for_sampler
 from latentrt.core.parameters import Parameters, format_parameters
 from latentrt.core.protocols import (
@@ -236,6 +237,7 @@ class Pipeline:
         self.refiner = refiner
         self._registry = plugins
         self.progress = progress
+        self.offload: Any = None  # the OffloadGroup when loaded with offload="sequential"
 
     @property
     def registry(self) -> Registry:
@@ -269,6 +271,8 @@ class Pipeline:
             with bar:
                 options = dict(request.sampler_options)
                 latents = sampler.sample(denoiser, x, sigmas, noise=noise, callback=on_step, **options)
+            if latents.device.type == "cpu":
+                return_freed_heap()  # the UNet's freed activations, before the decode needs memory of its own
             images = tensor_to_images(decode_finite(self.model.vae, latents))
         texts = [self._parameters(request, sampler, seeds[k], k, (width, height)) for k in range(len(seeds))]
         return GenerationResult(images=images, parameters=texts, seeds=seeds, latents=latents)

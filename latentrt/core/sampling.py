@@ -26,6 +26,7 @@ __all__ = [
     "batch_sigma",
     "check_options",
     "check_sigmas",
+    "host_sigmas",
     "report",
     "require_noise",
     "sampler_options",
@@ -49,6 +50,8 @@ def batch_sigma(sigma: Tensor, x: Tensor) -> Tensor:
     14.625 before the model turns it into a timestep.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if _host_scalar_for(sigma, x):  # a fill kernel; copying the host value over would sync the device
+        return torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
     return sigma.to(device=x.device, dtype=dtype).expand(x.shape[0]).contiguous()
 
 
@@ -57,9 +60,27 @@ def like_x(value: Tensor, x: Tensor) -> Tensor:
 
     Samplers multiply latents by coefficients computed from ``sigmas``, which may be float32
     on the CPU while ``x`` is fp16 on a GPU: converting first keeps the latent's dtype and
-    avoids a device mismatch.
+    avoids a device mismatch. A host scalar is filled in on ``x``'s device rather than copied there:
+    a blocking host-to-device copy would make the host wait for the GPU at every step.
     """
+    if _host_scalar_for(value, x):
+        return torch.full((1,) * x.ndim, float(value), dtype=x.dtype, device=x.device)
     return append_dims(value.to(device=x.device, dtype=x.dtype), x.ndim)
+
+
+def _host_scalar_for(value: Tensor, x: Tensor) -> bool:
+    """Whether ``value`` is one number on the host while ``x`` lives on an accelerator."""
+    return value.numel() == 1 and value.device.type == "cpu" and x.device.type != "cpu"
+
+
+def host_sigmas(sigmas: Tensor) -> Tensor:
+    """``sigmas`` on the host, read once before a sampling loop (one sync when they live on a GPU).
+
+    Samplers branch on sigma values (``if sigma_next == 0``) and do their scalar arithmetic on them:
+    on the host that never waits for the GPU, and CUDA kernels take 0-dim host tensors as plain
+    scalars, so the loop only queues kernels. Latents, noise and model calls stay on their device.
+    """
+    return sigmas.detach().to("cpu")
 
 
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """The PyTorch runtime: a component's own torch module behind the ``CompiledModule`` interface.
 
 ``torch`` runs it eagerly; ``torch_compile`` wraps it in ``torch.compile`` (dynamic shapes, so a
-new image size does not recompile; https://pytorch.org/docs/stable/generated/torch.compile.html).
+new image size does not recompile; https://pytorch.org/docs/stable/generated/torch.compile.html);
+``torch_channels_last`` runs it eagerly with channels-last weights (:mod:`.memory_format`).
 Nothing is exported or cached: the weights already in memory are what runs.
 """
 
@@ -16,8 +17,9 @@ from torch import Tensor, nn
 
 from latentrt.core.errors import RuntimeUnavailable
 from latentrt.core.protocols import CompileRequest, ExportSpec
+from latentrt.runtimes.memory_format import to_channels_last
 
-__all__ = ["TorchModule", "TorchRuntime", "torch_compile_runtime"]
+__all__ = ["TorchModule", "TorchRuntime", "torch_channels_last_runtime", "torch_compile_runtime"]
 
 
 class TorchModule:
@@ -39,11 +41,13 @@ class TorchModule:
 @dataclass
 class TorchRuntime:
     """Eager PyTorch, or ``torch.compile`` with ``compile_mode`` (``"default"``, ``"reduce-overhead"``, ...)
-    and ``backend`` (``"inductor"``; a mode applies to inductor only)."""
+    and ``backend`` (``"inductor"``; a mode applies to inductor only); ``channels_last`` converts the
+    module's 4-D weights to channels-last first."""
 
     name: str = "torch"
     compile_mode: str | None = None
     backend: str = "inductor"
+    channels_last: bool = False
 
     def available(self) -> bool:
         """Always: torch is a dependency (``torch.compile`` needs torch 2)."""
@@ -58,6 +62,8 @@ class TorchRuntime:
         if not self.available():
             raise RuntimeUnavailable(f"torch {torch.__version__} has no torch.compile; use the torch runtime")
         module: Any = request.component.module.to(request.device).eval()
+        if self.channels_last:
+            to_channels_last(module)
         if self.compile_mode is not None:
             mode = self.compile_mode if self.backend == "inductor" else None
             module = torch.compile(module, backend=self.backend, mode=mode, dynamic=True)
@@ -67,3 +73,8 @@ class TorchRuntime:
 def torch_compile_runtime() -> TorchRuntime:
     """The ``torch_compile`` runtime: ``torch.compile`` in its default mode."""
     return TorchRuntime(name="torch_compile", compile_mode="default")
+
+
+def torch_channels_last_runtime() -> TorchRuntime:
+    """The ``torch_channels_last`` runtime: eager PyTorch over channels-last weights."""
+    return TorchRuntime(name="torch_channels_last", channels_last=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import batch_sigma, report, require_noise
+from latentrt.core.sampling import batch_sigma, host_sigmas, report, require_noise
 
 
 def _posterior_std(sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -39,6 +39,7 @@ def sample_ddim(
     eta: float = 0.0,
 ) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12): ``eta = 0`` is deterministic, ``eta = 1`` samples as DDPM does."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "ddim") if eta > 0 else None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -62,6 +63,7 @@ def sample_ddpm(
     callback: SamplerCallback | None = None,
 ) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020): draw each step from the posterior ``q(x_next | x, x0)``."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "ddpm")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import ancestral_step, batch_sigma, churn, report, require_noise, to_d
+from latentrt.core.sampling import ancestral_step, batch_sigma, churn, host_sigmas, report, require_noise, to_d
 
 
 def _midpoint_step(
@@ -39,6 +39,7 @@ def sample_dpm_2(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver-2 steps with Karras churn (k-diffusion's sample_dpm_2; Karras et al. 2022, Algorithm 2)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -65,6 +66,7 @@ def sample_dpm_2_ancestral(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Ancestral sampling with DPM-Solver-2 steps down to sigma_down, then noise up to sigma_next (k-diffusion)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "dpm_2_ancestral") if eta > 0 else None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

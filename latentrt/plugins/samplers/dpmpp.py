@@ -17,7 +17,7 @@ from torch import Tensor
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import ancestral_step, batch_sigma, report, require_noise, to_d
+from latentrt.core.sampling import ancestral_step, batch_sigma, host_sigmas, report, require_noise, to_d
 
 SolverType = Literal["midpoint", "heun"]
 
@@ -44,6 +44,7 @@ def sample_dpmpp_2s_ancestral(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, Algorithm 1, r = 1/2)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "dpmpp_2s_ancestral") if eta > 0 else None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -77,6 +78,7 @@ def sample_dpmpp_sde(
     r: float = 0.5,
 ) -> Tensor:
     """Stochastic DPM-Solver++ (2-stage, intermediate point at ``t + r h``; k-diffusion's dpmpp_sde)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "dpmpp_sde") if eta > 0 else None
     fac = 1 / (2 * r)  # weight of the second evaluation, DPM-Solver-2 with general r (Lu et al. 2022)
     for i in range(len(sigmas) - 1):
@@ -125,6 +127,7 @@ def sample_dpmpp_2m(
     callback: SamplerCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M), the second-order multistep solver (Lu et al. 2022, Algorithm 2)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     old_denoised: Tensor | None = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -155,6 +158,7 @@ def sample_dpmpp_2m_sde(
     solver_type: SolverType = "midpoint",
 ) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++(2M), with k-diffusion's eta)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     if solver_type not in ("midpoint", "heun"):
         raise InvalidRequest(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     noise_source = require_noise(noise, "dpmpp_2m_sde") if eta > 0 else None
@@ -214,6 +218,7 @@ def sample_dpmpp_3m_sde(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE: third-order multistep with k-diffusion's eta (Lu et al. 2022)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "dpmpp_3m_sde") if eta > 0 else None
     history: list[tuple[Tensor, Tensor]] = []  # (denoised, h) of the previous steps, newest first
     for i in range(len(sigmas) - 1):

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import ancestral_step, batch_sigma, churn, report, require_noise, to_d
+from latentrt.core.sampling import ancestral_step, batch_sigma, churn, host_sigmas, report, require_noise, to_d
 
 
 def sample_euler(
@@ -25,6 +25,7 @@ def sample_euler(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE, with optional churn (Karras Algorithm 2)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -48,6 +49,7 @@ def sample_euler_ancestral(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Ancestral sampling with Euler steps: step down to sigma_down, add noise up to sigma_next."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "euler_ancestral") if eta > 0 else None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import batch_sigma, churn, report, to_d
+from latentrt.core.sampling import batch_sigma, churn, host_sigmas, report, to_d
 
 
 def sample_heun(
@@ -25,6 +25,7 @@ def sample_heun(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Heun's second-order method with optional churn (Karras et al. 2022, Algorithm 2)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -77,6 +78,7 @@ def sample_heunpp2(
     s_noise: float = 1.0,
 ) -> Tensor:
     """Heun++ with a third slope (ComfyUI's heunpp2, after Carzit's sd-webui-samplers-scheduler)."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -18,7 +18,7 @@ from torch import Tensor
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import batch_sigma, report, to_d
+from latentrt.core.sampling import batch_sigma, host_sigmas, report, to_d
 
 Weights = Callable[[Sequence[float], int, int], tuple[float, ...]]
 """``(sigmas, i, order) -> (c_0, c_1, ...)``: weights of ``d_i, d_{i-1}, ...`` for the step ``i -> i + 1``."""
@@ -85,6 +85,7 @@ def _sample_adams_bashforth(
     callback: SamplerCallback | None = None,
 ) -> Tensor:
     """Linear multistep in sigma: ``x_next = x + (sigma_next - sigma) * sum_j c_j d_{i-j}``."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     sigma_values = sigmas.tolist()
     ds: list[Tensor] = []  # newest first: d_i, d_{i-1}, ...
     for i in range(len(sigmas) - 1):

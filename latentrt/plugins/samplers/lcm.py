@@ -12,7 +12,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import batch_sigma, report, require_noise
+from latentrt.core.sampling import batch_sigma, host_sigmas, report, require_noise
 
 
 def sample_lcm(
@@ -25,6 +25,7 @@ def sample_lcm(
     callback: SamplerCallback | None = None,
 ) -> Tensor:
     """LCM multistep sampling (Luo et al. 2023, Algorithm 1): jump to ``x0``, re-noise to ``sigma_next``."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     noise_source = require_noise(noise, "lcm")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

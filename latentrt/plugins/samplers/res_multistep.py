@@ -14,7 +14,7 @@ from torch import Tensor
 
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import ancestral_step, batch_sigma, report, require_noise, to_d
+from latentrt.core.sampling import ancestral_step, batch_sigma, host_sigmas, report, require_noise, to_d
 
 
 def _t(sigma: Tensor) -> Tensor:
@@ -46,6 +46,7 @@ def _res_multistep(
     s_noise: float,
 ) -> Tensor:
     """RES multistep with ancestral noise ``eta`` (0: deterministic), as ComfyUI's ``res_multistep``."""
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     old_denoised: Tensor | None = None
     h_last: Tensor | None = None
     for i in range(len(sigmas) - 1):

@@ -20,7 +20,7 @@ from torch import Tensor
 from latentrt.core.errors import InvalidRequest
 from latentrt.core.protocols import Conditioning, Denoiser, NoiseSource, SamplerCallback
 from latentrt.core.registry import Registry
-from latentrt.core.sampling import batch_sigma, karras_levels, report, require_noise, to_d
+from latentrt.core.sampling import batch_sigma, host_sigmas, karras_levels, report, require_noise, to_d
 
 RestartList = Mapping[float, Sequence[float]]
 """``{sigma_min: (restart_steps, restart_times, sigma_max)}``, as A1111's ``restart_list``."""
@@ -112,6 +112,7 @@ def sample_restart(
     ``restart_list=None`` takes A1111's automatic plan (:func:`default_restart_list`), which
     from 20 steps re-spaces the main schedule as Karras.
     """
+    sigmas = host_sigmas(sigmas)  # branch and do scalar math on the host: no device syncs
     if restart_list is None:
         sigmas, restart_list = default_restart_list(sigmas)
     last_sigma: Tensor | None = None

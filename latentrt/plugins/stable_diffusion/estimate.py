@@ -4,19 +4,21 @@ The architecture comes from a single file's header (names, shapes and dtypes; no
 read) or from a family name (``sd1``, ``sd2``, ``sdxl``: the reference shapes). A generation
 runs in stages, and the process peaks in one of them:
 
-* ``load``: the weights in the compute dtype (a conversion drops each source tensor's file pages
-  once converted, ``latentrt.core.memory.release_file_pages``; unconverted weights stay mapped);
+* ``load``: the weights in the compute dtype, or the storage dtype with ``storage`` (a conversion
+  drops each source tensor's file pages once converted, ``latentrt.core.memory.release_file_pages``;
+  unconverted weights stay mapped); offloading, the largest network only;
 * ``text``: every resident weight plus the text encoder's activations;
 * ``unet``: every resident weight plus one UNet call (batch doubled by CFG), traced;
-* ``decode``: every resident weight plus the VAE decoder's activations (per tile when tiled), traced,
-  plus the UNet's tensors under 32 MiB: glibc's allocator keeps those in its heap once freed (measured:
-  the resident set before the decode exceeds the one after loading by about that much), while it
-  returns larger ones (mmapped) to the system.
+* ``decode``: every resident weight plus the VAE decoder's activations (per tile when tiled), traced.
+  The UNet's freed tensors under 32 MiB, which glibc's allocator would keep in its heap into the
+  decode, are handed back before it (``Pipeline.generate`` calls ``malloc_trim``), so they no longer
+  count; without that, they made the decode peak vary by up to 20% from run to run.
 
 Activations are traced on the meta device (:func:`latentrt.core.memory.trace`), so they follow
 our networks' real code. On top, each stage adds what kernels allocate out of sight of the
 trace (``KERNEL_WORKSPACE``) and the peak adds the interpreter's own baseline (torch, latentrt,
-the tokenizer), which the caller measures or passes.
+the tokenizer), which the caller measures or passes. With ``offload``, a stage holds its own
+network's weights only (the others are parked, :mod:`latentrt.core.offload`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from latentrt.core.checkpoint import Checkpoint, open_checkpoint
 from latentrt.core.errors import CheckpointError, InvalidRequest
+from latentrt.core.layerwise import stored_parameter_names
 from latentrt.core.loader import builtin_checkpoint
 from latentrt.core.memory import rss_bytes, trace
 from latentrt.core.registry import registry
@@ -103,6 +106,15 @@ class Settings:
     dtype: torch.dtype = torch.float32
     vae_tiling: bool = False
     steps: int = 20
+    storage: torch.dtype | None = None
+    """Layer weights kept in this dtype and upcast one layer at a time (``load(storage_dtype=)``)."""
+    offload: bool = False
+    """One network resident at a time (``load(offload="sequential")``)."""
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weights are held in."""
+        return self.storage or self.dtype
 
 
 @dataclass(frozen=True)
@@ -216,18 +228,20 @@ _REFERENCE: dict[str, Callable[[], Architecture]] = {
 def estimate(arch: Architecture, settings: Settings, *, baseline: int = 0) -> Estimate:
     """Predicted per-stage memory over ``baseline`` (the interpreter's own RSS) and FLOPs of one generation."""
     _check(arch, settings)
-    compute = settings.dtype.itemsize
-    weights = {name: n * compute for name, n in arch.parameters.items()}
-    weights["text"] -= arch.token_tables.get(settings.dtype, 0) * compute  # mapped, read row by row
-    unet, unet_heap, unet_flops = _unet_activations(arch, settings)
+    compute, held = settings.dtype.itemsize, settings.weight_dtype.itemsize
+    weights = {name: n * held for name, n in arch.parameters.items()}
+    weights["text"] -= arch.token_tables.get(settings.weight_dtype, 0) * held  # mapped, read row by row
+    unet, unet_flops = _unet_activations(arch, settings)
     decode, vae_flops = _decode_activations(arch, settings)
     rows = 2 * settings.batch if settings.cfg else settings.batch
     text = rows * CONTEXT_TOKENS * arch.text_width * 8 * compute  # hidden, q/k/v, 4x-wide MLP
     activations = {"text": text, "unet": unet, "decode": decode}
-    stages = {"load": sum(weights.values())}  # a conversion drops each tensor's file pages once read
+    owners = {"text": "text", "unet": "unet", "decode": "vae"}
+    resident = {stage: weights[owners[stage]] if settings.offload else sum(weights.values()) for stage in owners}
+    # offloading loads one network at a time; otherwise a conversion drops each tensor's file pages once read
+    stages = {"load": max(weights.values()) if settings.offload else sum(weights.values())}
     for stage, act in activations.items():
-        stages[stage] = sum(weights.values()) + act
-    stages["decode"] += unet_heap  # the allocator keeps the UNet's small freed activations (see module doc)
+        stages[stage] = resident[stage] + act
     flops = {"unet": unet_flops * settings.steps, "decode": vae_flops}
     return Estimate(stages, weights, flops, baseline, _notes(arch, settings))
 
@@ -243,8 +257,8 @@ def _check(arch: Architecture, settings: Settings) -> None:
         raise InvalidRequest(f"batch and steps must be >= 1, got batch {settings.batch}, steps {settings.steps}")
 
 
-def _unet_activations(arch: Architecture, settings: Settings) -> tuple[int, int, int]:
-    """Peak activation bytes (all, and those the heap keeps) and FLOPs of one UNet call on the CFG-doubled batch."""
+def _unet_activations(arch: Architecture, settings: Settings) -> tuple[int, int]:
+    """Peak activation bytes and FLOPs of one UNet call on the CFG-doubled batch."""
     rows = 2 * settings.batch if settings.cfg else settings.batch
     h, w = settings.height // arch.vae.downscale, settings.width // arch.vae.downscale
     cfg = arch.unet
@@ -256,7 +270,9 @@ def _unet_activations(arch: Architecture, settings: Settings) -> tuple[int, int,
         y = None if cfg.adm_in_channels is None else torch.empty(rows, cfg.adm_in_channels, dtype=settings.dtype)
     probe = trace(lambda: unet(sample, timestep, context, y))
     peak = _with_workspace(probe.peak_bytes, rows * 2 * arch.unet.model_channels * h * w, settings)
-    return peak, probe.peak_heap_bytes, probe.flops
+    if settings.storage is not None:  # one layer's weight upcast at a time
+        peak += max(unet.get_parameter(name).numel() for name in stored_parameter_names(unet)) * settings.dtype.itemsize
+    return peak, probe.flops
 
 
 def _decode_activations(arch: Architecture, settings: Settings) -> tuple[int, int]:
@@ -285,8 +301,10 @@ def _notes(arch: Architecture, settings: Settings) -> tuple[str, ...]:
     notes = []
     if not settings.vae_tiling and settings.width * settings.height > 1024 * 1024:
         notes.append("large image: --vae-tiling decodes it in 512-pixel tiles and lowers the decode stage")
-    if settings.dtype == torch.float32:
-        notes.append("--dtype bf16 halves the weights")
+    if settings.dtype == torch.float32 and settings.storage is None:
+        notes.append("--storage-dtype fp16 halves the weights at fp32 arithmetic; --dtype bf16 halves them too")
+    if not settings.offload:
+        notes.append("--offload sequential keeps one network in memory at a time")
     return tuple(notes)
 
 

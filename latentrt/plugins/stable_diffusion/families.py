@@ -37,6 +37,7 @@ from latentrt.core.checkpoint import (
     shape_of,
 )
 from latentrt.core.denoiser import DiscreteDenoiser, Prediction
+from latentrt.core.layerwise import compute_dtype
 from latentrt.core.model_sampling import sd_model_sampling
 from latentrt.core.pipeline import Model
 from latentrt.core.protocols import ExportSpec
@@ -120,7 +121,7 @@ class UNetBackbone:
         self, sample: Tensor, timestep: Tensor, context: Tensor, c_concat: Tensor | None, y: Tensor | None = None
     ) -> Tensor:
         """The UNet on ``sample`` (with ``c_concat`` channels appended) in the UNet's dtype."""
-        dtype = next(self.unet.parameters()).dtype
+        dtype = compute_dtype(self.unet)
         if c_concat is not None:
             sample = torch.cat([sample, c_concat.to(sample)], dim=1)
         out: Tensor = self.unet(sample.to(dtype), timestep, context.to(dtype), None if y is None else y.to(dtype))

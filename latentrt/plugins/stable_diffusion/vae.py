@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from latentrt.core.checkpoint import load_module
 from latentrt.core.errors import CheckpointError, InvalidRequest
+from latentrt.core.layerwise import compute_dtype
 from latentrt.plugins.stable_diffusion.keys.vae import to_ldm_vae
 
 __all__ = [
@@ -408,8 +409,9 @@ class AutoencoderKL(nn.Module):
         out: Tensor = self.decoder(z)
         return out
 
-    def _reference(self) -> Tensor:
-        return self.encoder.conv_in.weight
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where and in what dtype the VAE computes (its weights may be stored reduced)."""
+        return self.encoder.conv_in.weight.device, compute_dtype(self)
 
     def _check_images(self, images: Tensor) -> Tensor:
         d, c = self.downscale, self.config.in_channels
@@ -418,15 +420,15 @@ class AutoencoderKL(nn.Module):
         height, width = images.shape[-2:]
         if height % d or width % d:
             raise InvalidRequest(f"image size {width}x{height} is not divisible by the VAE downscale factor {d}")
-        ref = self._reference()
-        return images.to(device=ref.device, dtype=ref.dtype)
+        device, dtype = self._placement()
+        return images.to(device=device, dtype=dtype)
 
     def _check_latents(self, latents: Tensor) -> Tensor:
         c = self.latent_channels
         if latents.ndim != 4 or latents.shape[1] != c:
             raise InvalidRequest(f"VAE decode expects latents [batch, {c}, height, width], got {list(latents.shape)}")
-        ref = self._reference()
-        return latents.to(device=ref.device, dtype=ref.dtype)
+        device, dtype = self._placement()
+        return latents.to(device=device, dtype=dtype)
 
 
 def _fits(x: Tensor, tiling: Tiling, scale: int) -> bool:
