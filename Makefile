@@ -44,7 +44,10 @@ bench: install
 	$(PY) benchmarks/service_throughput.py
 	$(PY) benchmarks/ray_throughput.py
 	cd benchmarks && ../$(PY) estimate_accuracy.py
-	cd benchmarks && ../$(PY) unet_vs_diffusers.py --sizes 256,512
+	cd benchmarks && ../$(PY) unet_vs_diffusers.py --models demo --repeats 20
+	cd benchmarks && ../$(PY) unet_vs_diffusers.py --models sd15 --repeats 3
+	cd benchmarks && ../$(PY) unet_vs_diffusers.py --models sdxl --repeats 2
+	cd benchmarks && ../$(PY) onnx_vs_torch.py
 	cd benchmarks && ../$(PY) e2e_vs_diffusers.py
 
 lint: install

@@ -1,9 +1,11 @@
 """End-to-end txt2img against diffusers' ``from_single_file`` pipeline: same full-size SD 1.5 file
 (random weights), seed, Euler sampler, 20 steps, CFG 7, 256x256.
 
-Each library runs in its own fresh process (peak RSS never goes down): wall time of load + 20 steps +
-decode, load-to-first-step time (from the start of loading to the end of the first UNet step, via
-each pipeline's step callback), and peak RSS (``getrusage``). diffusers reads the single file offline,
+Each runner (diffusers; latentrt fp32, with fp16 weight storage, with sequential offload, with both,
+bf16, and ``runtime="auto"``) runs in its own fresh process (peak RSS never goes down), the file read
+into the page cache first: wall time of load + 20 steps + decode, load-to-first-step time (from the
+start of loading to the end of the first UNet step, via each pipeline's step callback), RSS right
+after loading, and peak RSS (``VmHWM``). diffusers reads the single file offline,
 its configs from a local folder written here (``config=``, ``local_files_only``). Results:
 ``benchmarks/results/e2e_vs_diffusers.{json,md}``.
 """
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import charts
 from full_size import CACHE, cached_sd15
 
 ROOT = Path(__file__).resolve().parent
@@ -82,8 +85,9 @@ PROMPT, NEGATIVE, SEED, STEPS, SIZE, CFG = "a photo of a cat", "", 1, 20, 256, 7
 
 PROBE = r"""
 import json, sys, time
-from latentrt.core.memory import peak_rss_bytes
+from latentrt.core.memory import peak_rss_bytes, rss_bytes
 kind, path, config, steps, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+options = json.loads(sys.argv[6])
 first = []
 start = time.perf_counter()
 if kind == "diffusers":
@@ -91,6 +95,7 @@ if kind == "diffusers":
     pipe = diffusers.StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True,
                                                               safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    loaded = rss_bytes()
     def on_step(p, i, t, kw):
         first.append(time.perf_counter()) if i == 0 else None
         return kw
@@ -98,15 +103,33 @@ if kind == "diffusers":
          generator=torch.Generator().manual_seed(1), callback_on_step_end=on_step)
 else:
     import latentrt
-    pipe = latentrt.load(path, dtype=kind.split()[-1], progress=False)
+    pipe = latentrt.load(path, progress=False, **options)
+    loaded = rss_bytes()
     def on_step(info):
         first.append(time.perf_counter()) if info.i == 0 else None
     from latentrt import GenerationRequest
     pipe.generate(GenerationRequest(prompt="a photo of a cat", steps=steps, cfg_scale=7.0, width=size, height=size,
                                     seed=1, sampler="euler"), callback=on_step)
 print(json.dumps({"wall_s": time.perf_counter() - start, "first_step_s": first[0] - start,
-                  "peak_mb": peak_rss_bytes() / 2**20}))
+                  "loaded_mb": loaded / 2**20, "peak_mb": peak_rss_bytes() / 2**20}))
 """
+RUNNERS: dict[str, dict[str, Any]] = {  # runner -> latentrt.load options
+    "diffusers": {},
+    "latentrt fp32": {"dtype": "fp32"},
+    "latentrt fp32 + fp16 storage": {"dtype": "fp32", "storage_dtype": "fp16"},
+    "latentrt fp32 + offload": {"dtype": "fp32", "offload": "sequential"},
+    "latentrt fp32 + fp16 storage + offload": {"dtype": "fp32", "storage_dtype": "fp16", "offload": "sequential"},
+    "latentrt bf16": {"dtype": "bf16"},
+    "latentrt runtime auto (ONNX Runtime UNet)": {"dtype": "fp32", "runtime": "auto"},
+}
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read ``path`` once so every runner starts with the file in the page cache: the ratios then
+    compare the libraries, not which runner happened to read the disk first."""
+    with path.open("rb") as handle:
+        while handle.read(1 << 24):
+            pass
 
 
 def diffusers_config_folder() -> Path:
@@ -125,40 +148,55 @@ def diffusers_config_folder() -> Path:
 
 
 def run(kind: str, path: Path, config: Path, steps: int, size: int) -> dict[str, Any]:
-    """One library in a fresh process: wall time, load-to-first-step and peak RSS."""
+    """One runner in a fresh process, the file in the page cache: wall time, load-to-first-step, RSS
+    after loading and peak RSS. A runner that exports on first use (``runtime auto``) runs once before,
+    so the measured run loads its cached engine, as every later run would."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
-    args = [sys.executable, "-c", PROBE, kind, str(path), str(config), str(steps), str(size)]
-    out = subprocess.run(args, capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
+    options = RUNNERS[kind]
+    args = [sys.executable, "-c", PROBE, kind, str(path), str(config), str(steps), str(size), json.dumps(options)]
+    for attempt in range(2 if "runtime" in options else 1):
+        warm_page_cache(path)
+        out = subprocess.run(args if attempt or "runtime" not in options else [*args[:6], "1", *args[7:]],
+                             capture_output=True, text=True, env=env)  # fmt: skip
+        if out.returncode:
+            raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
     return {"runner": kind, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
-    """Run diffusers and latentrt (fp32, bf16) and write the ratios."""
+    """Run diffusers and the latentrt runners and write the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--runners", default=",".join(RUNNERS), help="comma-separated, from: " + ", ".join(RUNNERS))
     args = parser.parse_args()
+    kinds = ["diffusers", *(k for k in args.runners.split(",") if k != "diffusers")]
+    unknown = [k for k in kinds if k not in RUNNERS]
+    if unknown:
+        raise SystemExit(f"unknown runners {unknown}; choose from {list(RUNNERS)}")
     path, config = cached_sd15(), diffusers_config_folder()
-    rows = [run(kind, path, config, args.steps, args.size) for kind in ("diffusers", "latentrt fp32", "latentrt bf16")]
+    rows = []
+    for kind in kinds:
+        rows.append(run(kind, path, config, args.steps, args.size))
+        print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
     for row in rows:
-        row.update({f"{k}_ratio": row[k] / base[k] for k in ("wall_s", "first_step_s", "peak_mb")})
-        print(json.dumps(row), flush=True)
+        row.update({f"{k}_ratio": row[k] / base[k] for k in ("wall_s", "first_step_s", "loaded_mb", "peak_mb")})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "e2e_vs_diffusers.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        "| runner | wall s (ratio) | load to first step s (ratio) | peak RSS MB (ratio) |",
-        "| --- | ---: | ---: | ---: |",
+        "| runner | wall s (ratio) | load to first step s (ratio) | RSS after load MB (ratio) | peak RSS MB (ratio) |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     lines += [
         f"| {r['runner']} | {r['wall_s']:.1f} ({r['wall_s_ratio']:.2f}) | {r['first_step_s']:.1f} "
-        f"({r['first_step_s_ratio']:.2f}) | {r['peak_mb']:.0f} ({r['peak_mb_ratio']:.2f}) |"
+        f"({r['first_step_s_ratio']:.2f}) | {r['loaded_mb']:.0f} ({r['loaded_mb_ratio']:.2f}) "
+        f"| {r['peak_mb']:.0f} ({r['peak_mb_ratio']:.2f}) |"
         for r in rows
     ]
     title = f"SD 1.5 txt2img, {args.size}x{args.size}, {args.steps} steps, euler, CFG 7, seed 1"
     (RESULTS / "e2e_vs_diffusers.md").write_text(f"{title}\n\n" + "\n".join(lines) + "\n")
+    charts.draw("e2e_vs_diffusers")
 
 
 if __name__ == "__main__":

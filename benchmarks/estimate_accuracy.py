@@ -17,12 +17,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import charts
 from full_size import cached_sd15
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-DEMO = [("fp32", 64, 1), ("fp32", 256, 2), ("fp32", 512, 1), ("fp32", 512, 4), ("bf16", 512, 2)]
-FULL_SIZE = [("fp32", 256, 1), ("bf16", 256, 1), ("fp32", 512, 1)]
+STORED, OFFLOAD = ("--storage-dtype", "fp16"), ("--offload", "sequential")
+Config = tuple[str, int, int, tuple[str, ...]]
+"""dtype, size, batch, memory options."""
+DEMO: list[Config] = [
+    ("fp32", 64, 1, ()),
+    ("fp32", 256, 2, ()),
+    ("fp32", 512, 1, ()),
+    ("fp32", 512, 4, ()),
+    ("bf16", 512, 2, ()),
+    ("fp32", 512, 2, (*STORED, *OFFLOAD)),
+]
+FULL_SIZE: list[Config] = [
+    ("fp32", 256, 1, ()),
+    ("bf16", 256, 1, ()),
+    ("fp32", 512, 1, ()),
+    ("fp32", 256, 1, STORED),
+    ("fp32", 256, 1, OFFLOAD),
+    ("fp32", 256, 1, (*STORED, *OFFLOAD)),
+]
 MB = 2**20
 
 
@@ -33,14 +51,15 @@ def _json_line(args: list[str]) -> dict[str, Any]:
     return reading
 
 
-def compare(model: str, dtype: str, size: int, batch: int) -> dict[str, Any]:
+def compare(model: str, dtype: str, size: int, batch: int, options: tuple[str, ...]) -> dict[str, Any]:
     """One configuration: predicted and measured peak RSS (MB) and the relative error."""
-    common = ["--width", str(size), "--height", str(size), "--batch", str(batch), "--dtype", dtype]
+    common = ["--width", str(size), "--height", str(size), "--batch", str(batch), "--dtype", dtype, *options]
     predicted = _json_line([sys.executable, "-m", "latentrt.cli", "estimate", model, *common, "--json"])
     measured = _json_line([sys.executable, "tools/measure_peak.py", model, *common])
     return {
         "model": Path(model).name,
         "dtype": dtype,
+        "options": " ".join(options),
         "size": size,
         "batch": batch,
         "predicted_mb": predicted["peak_bytes"] / MB,
@@ -55,12 +74,13 @@ def compare(model: str, dtype: str, size: int, batch: int) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table."""
     lines = [
-        "| model | dtype | size | batch | predicted MB (stage) | measured peak MB | error |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | dtype | options | size | batch | predicted MB (stage) | measured peak MB | error |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['size']} | {r['batch']} | {r['predicted_mb']:.0f} "
+            f"| {r['model']} | {r['dtype']} | {r.get('options') or '-'} | {r['size']} | {r['batch']} | "
+            f"{r['predicted_mb']:.0f} "
             f"({r['predicted_stage']}) | {r['measured_mb']:.0f} | {100 * r['error']:+.1f}% |"
         )
     worst = max(abs(r["error"]) for r in rows)
@@ -76,14 +96,15 @@ def main() -> None:
     if not args.demo_only:
         plan += [(str(cached_sd15()), *c) for c in FULL_SIZE]
     rows = []
-    for model, dtype, size, batch in plan:
-        rows.append(compare(model, dtype, size, batch))
+    for model, dtype, size, batch, options in plan:
+        rows.append(compare(model, dtype, size, batch, options))
         print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "estimate_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     (RESULTS / "estimate_accuracy.md").write_text(
         "`latentrt estimate` vs measured peak RSS (2 steps, CFG 7, euler)\n\n" + markdown(rows)
     )
+    charts.draw("estimate_accuracy")
 
 
 if __name__ == "__main__":

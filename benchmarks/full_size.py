@@ -5,11 +5,13 @@ state-dict names and shapes come from our own networks built on the meta device,
 the prefixes real files use (``model.diffusion_model.``, ``first_stage_model.``,
 ``cond_stage_model.transformer.text_model.``; SDXL: ``conditioner.embedders.0.transformer.``
 for CLIP-L and ``conditioner.embedders.1.model.`` for OpenCLIP bigG, whose names are written
-out here from open_clip's layout). SD 1.5 is written once and cached.
+out here from open_clip's layout). SD 1.5 and the float32 SDXL file are written once and cached.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -140,3 +142,45 @@ def write_random_sdxl(path: Path, dtype: torch.dtype = torch.float16, seed: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def write_random_sdxl_streaming(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Write the same file as :func:`write_random_sdxl`, one tensor at a time: memory holds one
+    tensor, not the file (13.9 GB in float32, more than a small machine can spare). The
+    safetensors layout is an 8-byte little-endian header length, a JSON header of names, dtypes,
+    shapes and byte offsets (space-padded to 8 bytes), then the tensors' bytes in that order."""
+    position_ids = SDXL_CLIP_L_PREFIX + "embeddings.position_ids"
+    entries = [(name, shape, dtype) for name, shape in sdxl_shapes().items()] + [(position_ids, (1, 77), torch.int64)]
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name, shape, entry_dtype in entries:
+        size = torch.Size(shape).numel() * entry_dtype.itemsize
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[entry_dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    generator = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for _, shape, _ in entries[:-1]:
+            f.write(
+                torch.randn(shape, generator=generator).mul_(0.02).to(dtype).reshape(-1).view(torch.uint8).numpy().data
+            )
+        f.write(torch.arange(77).unsqueeze(0).numpy().data)
+    partial.rename(path)  # a killed write leaves no half file under the cached name
+    return path
+
+
+def cached_sdxl(dtype: torch.dtype = torch.float32) -> Path:
+    """The cached random SDXL base file (float32: 13.9 GB on disk), written on first use."""
+    path = CACHE / f"sdxl-random-{str(dtype).removeprefix('torch.')}.safetensors"
+    return path if path.exists() else write_random_sdxl_streaming(path, dtype)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import charts
 from full_size import cached_sd15, sd15_shapes
 
 PROBE = r"""
@@ -64,6 +65,7 @@ def main() -> None:
     (out / "load_memory.md").write_text(
         "SD 1.5 single file (random weights, fp32 on disk)\n\n" + "\n".join(lines) + "\n"
     )
+    charts.draw("load_memory")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

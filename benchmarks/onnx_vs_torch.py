@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import charts
 import torch
 
 from latentrt.core.protocols import ExportSpec, RuntimeComponent
@@ -163,6 +164,7 @@ def write_results(result: dict[str, Any]) -> None:
         for r in result["rows"]
     ]
     (RESULTS / "onnx_vs_torch.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    charts.draw("onnx_vs_torch")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import charts
 import httpx
 import ray
 import torch
@@ -249,6 +250,7 @@ def write_results(
         f"Ray overhead per request (medians): handle {handle_ms:.1f} ms, HTTP {http_ms:.1f} ms.",
     ]
     (out / "ray_throughput.md").write_text("\n".join(lines) + "\n")
+    charts.draw("ray_throughput")
     print(f"wrote {out / 'ray_throughput.md'}")
 
 

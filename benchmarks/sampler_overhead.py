@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import charts
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -121,6 +122,7 @@ def write_results(rows: list[dict[str, Any]]) -> None:
         ratio = "" if r["ratio_vs_kdiffusion"] is None else f"{r['ratio_vs_kdiffusion']:.2f}"
         lines.append(f"| {r['sampler']} | {r['ms_per_step']:.3f} | {ref} | {ratio} |")
     (out / "sampler_overhead.md").write_text("\n".join(lines) + "\n")
+    charts.draw("sampler_overhead")
     print(f"wrote {out / 'sampler_overhead.md'}")
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import charts
 import torch
 
 import latentrt
@@ -114,6 +115,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['mean_latency_s']:.2f} | {r['backbone_calls']} | {r['request_calls']} | {r['stacked_share']:.0%} |"
         )
     (out / "service_throughput.md").write_text("\n".join(lines) + "\n")
+    charts.draw("service_throughput")
     print(f"wrote {out / 'service_throughput.md'}")
 
 
