@@ -32,6 +32,7 @@ __all__ = [
     "conv_component",
     "conv_spec",
     "psnr",
+    "demo_engines_dir",
     "tiny_sd1_engines",
 ]
 
@@ -50,6 +51,17 @@ class TinyEngines:
 
 
 _BUILT: dict[str, TinyEngines] = {}
+
+
+_DEMO_ENGINES: list[Path] = []
+
+
+def demo_engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One engine folder for the demo model's exports in this test process: a demo UNet export takes
+    about a minute, and every test that loads the demo with the default limits shares it."""
+    if not _DEMO_ENGINES:
+        _DEMO_ENGINES.append(tmp_path_factory.mktemp("demo-engines"))
+    return _DEMO_ENGINES[0]
 
 
 def tiny_sd1_engines(tmp_path_factory: pytest.TempPathFactory) -> TinyEngines:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from onnx_fixtures import demo_engines_dir
 from sd_fixtures import psnr, tiny_sd1
 
 import latentrt
@@ -69,13 +70,13 @@ def test_auto_runtime_puts_the_unet_on_onnxruntime_on_cpu_only_where_it_can(monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
     missing = auto_runtime(cpu, compilable=True)
-    assert missing.plan is None and "pip install 'latentrt[onnx]'" in missing.describe()
+    assert missing.plan == {"unet": "torch_channels_last"} and "pip install 'latentrt[onnx]'" in missing.describe()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def demo_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One engine folder for this module: the demo UNet is exported once (~30 s), then reused."""
-    return tmp_path_factory.mktemp("demo-engines")
+    """The demo's engine folder shared in this test process: its UNet is exported once (~1 min)."""
+    return demo_engines_dir(tmp_path_factory)
 
 
 def test_auto_runtime_runs_the_demo_unet_on_onnxruntime(demo_engines: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -100,3 +101,16 @@ def test_cli_says_what_auto_picked(tmp_path: Path, demo_engines: Path, capsys: p
     assert main([*args, *options]) == 0
     printed = capsys.readouterr().out
     assert "auto runtime: unet on onnxruntime" in printed and "auto: " in printed and out.exists()
+
+
+def test_auto_runtime_without_onnxruntime_runs_the_unet_channels_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentrt.runtimes.memory_format import is_channels_last
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
+    auto = latentrt.load("demo", runtime="auto", progress=False)
+    unet = auto.model.denoiser.backbone.compiled.module  # type: ignore[attr-defined]
+    assert is_channels_last(unet)
+    request = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 6, "seed": 2}
+    plain = np.asarray(latentrt.load("demo", progress=False)(**request).images[0])
+    assert psnr(plain, np.asarray(auto(**request).images[0])) >= 40.0

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from onnx_fixtures import LIMITS, TinyConv, TinyEngines, conv_spec, psnr, tiny_sd1_engines
+from onnx_fixtures import LIMITS, TinyConv, TinyEngines, conv_spec, demo_engines_dir, psnr, tiny_sd1_engines
 from PIL import Image
 from sd_parity import HEIGHT, SEEDS, WIDTH
 from torch import Tensor, nn
@@ -281,12 +281,12 @@ def test_sd2_unet_and_text_encoder_on_onnxruntime(tmp_path_factory: pytest.TempP
     assert psnr(expected, got) >= PSNR_MIN  # measured 93.8 dB (latents within 1.3e-4)
 
 
-def test_demo_model_on_onnxruntime_draws_what_torch_draws(tmp_path: Path) -> None:
+def test_demo_model_on_onnxruntime_draws_what_torch_draws(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The built-in demo model exports over its own sizes (16..128 px) by default and, on ONNX Runtime,
     gives torch's images (same seeds) and the judge reads the same colour and shape from both."""
     from latentrt.plugins.demo.classify import judge
 
-    engines = tmp_path / "engines"
+    engines = demo_engines_dir(tmp_path_factory)  # the UNet may already be there (runtime="auto" tests)
     onnx = latentrt.load("demo", runtime="onnxruntime", engines=engines, progress=False)
     unet = read_artifact(next(f for f in engines.iterdir() if read_artifact(f).manifest["component"] == "unet"))
     assert unet.spec.shape_range["height"] == (16, 64, 128)

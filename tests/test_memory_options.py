@@ -194,3 +194,23 @@ def test_cli_takes_the_memory_options(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         main([*args, "--offload", "sometimes", "--output", str(out)])
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_a_component_is_entered_before_its_entry_point_reads_where_its_weights_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The VAE moves latents to its weights' device before any of its modules runs: on CUDA a parked
+    VAE would get them on the host. ``decode``/``encode`` are entered as a whole, so it is resident."""
+    pipe = latentrt.load("demo", progress=False, offload="sequential")
+    vae = pipe.model.vae
+    seen: list[str | None] = []
+    placement = type(vae)._placement
+
+    def spy(self: object) -> tuple[torch.device, torch.dtype]:
+        seen.append(pipe.offload.active)
+        return placement(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(vae), "_placement", spy)
+    pipe("a red circle", width=64, height=64, steps=2, seed=1)
+    assert seen == ["vae"]
+    assert pipe.offload.components["vae"].running == 0 and pipe.offload.components["unet"].running == 0

@@ -11,9 +11,10 @@ Attention always goes through ``scaled_dot_product_attention`` (fused kernels, n
 
 ``runtime="auto"`` (:func:`auto_runtime`) puts the UNet, where nearly all the time goes, on ONNX
 Runtime on CPUs when it is installed: measured on the full-size SD 1.5 UNet, batch 2, 2 cores
-(``benchmarks/results/onnx_vs_torch.md``), it takes 0.71x eager torch's time at 256x256 and ties
-at 512x512, so it never loses. On CUDA the components stay on torch: TensorRT is chosen only by
-name (``--runtime tensorrt``), since an engine build takes minutes and GPU memory of its own.
+(``benchmarks/results/unet_vs_diffusers.md``), it takes 0.67x eager torch's time at 256x256 and
+0.75x at 512x512. Without onnxruntime the UNet runs eagerly with channels-last convolution weights
+(0.91x / 0.97x). On CUDA the components stay on eager torch: TensorRT and CUDA graphs are chosen by
+name (``--runtime tensorrt``, ``unet=torch_cuda_graphs``) until they have been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -99,5 +100,8 @@ def auto_runtime(device: torch.device, compilable: bool, memory_options: bool = 
     if device.type != "cpu":
         return AutoRuntime(None, "on GPUs eager torch; name --runtime tensorrt to build engines")
     if importlib.util.find_spec("onnxruntime") is None:
-        return AutoRuntime(None, "onnxruntime is not installed: pip install 'latentrt[onnx]' for the faster UNet")
-    return AutoRuntime({"unet": "onnxruntime"}, "0.71x eager torch's UNet time at 256x256, equal at 512x512")
+        return AutoRuntime(
+            {"unet": "torch_channels_last"},
+            "channels-last convolutions, 0.91-0.97x eager's time; pip install 'latentrt[onnx]' for ONNX Runtime",
+        )
+    return AutoRuntime({"unet": "onnxruntime"}, "0.67x eager torch's UNet time at 256x256, 0.75x at 512x512")

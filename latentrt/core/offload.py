@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,7 @@ def enable_sequential_offload(
         group.components[name] = ComponentOffload(name, modules, device)
         for module in modules:
             _hook(module, group, name)
+        _wrap_entry_points(component, group, name)
     group.park_all()
     logger.info("sequential offload: %s, one resident at a time", ", ".join(group.components) or "nothing")
     return group
@@ -207,6 +209,30 @@ def _hook(root: nn.Module, group: OffloadGroup, name: str) -> None:
     for module in (root, *root.children()):
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after, always_call=True)
+
+
+ENTRY_POINTS = ("encode", "decode")
+"""A component's methods that may read where its weights are before any module runs (a VAE moves
+its input to its weights' device first): entered as a whole, so the weights are in place by then."""
+
+
+def _wrap_entry_points(component: object, group: OffloadGroup, name: str) -> None:
+    for method in ENTRY_POINTS:
+        inner = getattr(component, method, None)
+        if callable(inner):
+            object.__setattr__(component, method, _entered(inner, group, name))
+
+
+def _entered(inner: Callable[..., Any], group: OffloadGroup, name: str) -> Callable[..., Any]:
+    @functools.wraps(inner)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        group.enter(name)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            group.leave(name)
+
+    return call
 
 
 def _tensors(modules: Iterable[nn.Module]) -> Iterator[Tensor]:
