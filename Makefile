@@ -49,6 +49,7 @@ bench: install
 	cd benchmarks && ../$(PY) unet_vs_diffusers.py --models sdxl --repeats 2
 	cd benchmarks && ../$(PY) onnx_vs_torch.py
 	cd benchmarks && ../$(PY) e2e_vs_diffusers.py
+	cd benchmarks && ../$(PY) e2e_vs_diffusers.py --model sdxl --size 512 --steps 10
 
 lint: install
 	$(PY) -m ruff check latentrt tests examples benchmarks tools

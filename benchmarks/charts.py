@@ -112,6 +112,11 @@ def onnx_vs_torch(result: dict[str, Any]) -> tuple[str, list[Panel]]:
     return f"{result['model']}, batch {result['batch']}, {result['threads']} threads", [panel]
 
 
+def e2e_vs_diffusers_sdxl(rows: list[dict[str, Any]]) -> tuple[str, list[Panel]]:
+    """The SDXL end-to-end run: the same panels as SD 1.5's."""
+    return "SDXL txt2img 512x512, 10 steps, CFG 7 (random weights)", e2e_vs_diffusers(rows)[1]
+
+
 def e2e_vs_diffusers(rows: list[dict[str, Any]]) -> tuple[str, list[Panel]]:
     """Wall time, time to first step and peak RSS per runner."""
     labels = [r["runner"] for r in rows]
@@ -213,6 +218,7 @@ PANELS: dict[str, Callable[[Any], tuple[str, list[Panel]]]] = {
     "unet_vs_diffusers": unet_vs_diffusers,
     "onnx_vs_torch": onnx_vs_torch,
     "e2e_vs_diffusers": e2e_vs_diffusers,
+    "e2e_vs_diffusers_sdxl": e2e_vs_diffusers_sdxl,
     "estimate_accuracy": estimate_accuracy,
     "load_memory": load_memory,
     "sampler_overhead": sampler_overhead,
