@@ -23,7 +23,7 @@ from typing import Any
 
 import charts
 from full_size import CACHE, cached_sd15, cached_sdxl
-from gpu_bench import SDXL_CONFIG
+from gpu_bench import SD15_CONFIG, SDXL_CONFIG
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
@@ -34,15 +34,10 @@ RESULTS = ROOT / "results"
 CONFIGS: dict[str, dict[str, Any]] = {  # runwayml/stable-diffusion-v1-5 component configs
     "unet": {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": 64,
         "in_channels": 4,
         "out_channels": 4,
         "layers_per_block": 2,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
+        **SD15_CONFIG,
     },
     "vae": {
         "_class_name": "AutoencoderKL",

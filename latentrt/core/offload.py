@@ -197,8 +197,9 @@ def enable_sequential_offload(
 
 
 def _hook(root: nn.Module, group: OffloadGroup, name: str) -> None:
-    """Enter/leave around the root's and its direct children's calls (a VAE's ``decode`` calls its
-    ``decoder`` child, not its own ``forward``); nested calls only count."""
+    """Enter/leave around calls of the root module (a UNet); components that run their modules
+    through methods instead (a VAE's ``decode`` calls its ``decoder``) are entered through
+    :data:`ENTRY_POINTS`. Nested calls only count."""
 
     def before(module: nn.Module, args: Any) -> None:
         group.enter(name)
@@ -206,9 +207,8 @@ def _hook(root: nn.Module, group: OffloadGroup, name: str) -> None:
     def after(module: nn.Module, args: Any, output: Any) -> None:
         group.leave(name)
 
-    for module in (root, *root.children()):
-        module.register_forward_pre_hook(before)
-        module.register_forward_hook(after, always_call=True)
+    root.register_forward_pre_hook(before)
+    root.register_forward_hook(after, always_call=True)
 
 
 ENTRY_POINTS = ("encode", "decode")

@@ -61,7 +61,10 @@ __all__ = [
     "OPSET",
     "OPTIMIZED",
     "TOLERANCE",
+    "ExportStages",
     "OnnxExporter",
+    "float32_eval",
+    "move_into_place",
     "onnx_dim_names",
     "require_onnx",
 ]
@@ -109,7 +112,7 @@ def _trace_dims(spec: ExportSpec) -> dict[str, int]:
     return dims
 
 
-def _float32(module: nn.Module) -> nn.Module:
+def float32_eval(module: nn.Module) -> nn.Module:
     """``module`` in eval mode, as a float32 copy when any parameter is in another dtype."""
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters()):
         module = copy.deepcopy(module).float()
@@ -139,7 +142,7 @@ def _graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 @dataclass
-class _Stages:
+class ExportStages:
     """Wall-clock seconds per export stage, with a progress bar over them."""
 
     bar: tqdm[Any]
@@ -200,8 +203,8 @@ class OnnxExporter:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            manifest = self._build(_float32(backbone), spec, work, precision, dict(metadata or {}))
-            _move_into_place(work, out_dir)
+            manifest = self._build(float32_eval(backbone), spec, work, precision, dict(metadata or {}))
+            move_into_place(work, out_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         artifact = Artifact(out_dir, tuple(manifest["files"]), spec, manifest)
@@ -216,7 +219,7 @@ class OnnxExporter:
         start = time.perf_counter()
         total = 2 + (precision == "fp16") + (self.optimization != "disabled")  # export, [fp16], [optimize], validate
         with tqdm(total=total, desc=f"export {spec.name}", unit="stage", disable=not self.progress, leave=False) as bar:
-            stages = _Stages(bar)
+            stages = ExportStages(bar)
             fp32_dir = work / "fp32" if precision == "fp16" else work
             fp32_dir.mkdir(exist_ok=True)
             with stages.stage("export"):
@@ -268,7 +271,7 @@ class OnnxExporter:
         _name_output_dims(program.model, names)
         program.save(str(path))
 
-    def _optimize(self, work: Path, stages: _Stages) -> str:
+    def _optimize(self, work: Path, stages: ExportStages) -> str:
         """Write ``model.optimized.onnx`` with ONNX Runtime's offline optimizer; the file a runtime loads."""
         if self.optimization == "disabled":
             return MODEL
@@ -408,7 +411,7 @@ def _replace_with_fp32(work: Path, fp32_dir: Path) -> None:
         path.rename(work / path.name)
 
 
-def _move_into_place(work: Path, out_dir: Path) -> None:
+def move_into_place(work: Path, out_dir: Path) -> None:
     """Rename the finished ``work`` folder to ``out_dir``, replacing what was there."""
     if out_dir.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))

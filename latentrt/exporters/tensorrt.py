@@ -42,7 +42,7 @@ from latentrt.core.errors import ExportError, RuntimeUnavailable
 from latentrt.core.protocols import Artifact, ExportSpec
 from latentrt.exporters import MANIFEST, MANIFEST_FORMAT, spec_to_json
 from latentrt.exporters.cache import cache_root
-from latentrt.exporters.onnx import MODEL, OnnxExporter, _float32, _move_into_place, _Stages
+from latentrt.exporters.onnx import MODEL, ExportStages, OnnxExporter, float32_eval, move_into_place
 from latentrt.exporters.ort import failure_summary, validate
 from latentrt.exporters.tensorrt_build import BuildSettings, build_engine, require_tensorrt, tensorrt_version
 from latentrt.exporters.tensorrt_plan import (
@@ -147,8 +147,8 @@ class TensorRTExporter:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            manifest = self._build(_float32(backbone), spec, work, plan, device, dict(metadata or {}))
-            _move_into_place(work, out_dir)
+            manifest = self._build(float32_eval(backbone), spec, work, plan, device, dict(metadata or {}))
+            move_into_place(work, out_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         artifact = Artifact(out_dir, tuple(manifest["files"]), spec_of(manifest, spec), manifest)
@@ -176,7 +176,7 @@ class TensorRTExporter:
         """Run the stages in ``work`` (see the module docstring) and return the manifest (written there)."""
         start = time.perf_counter()
         with tqdm(desc=f"tensorrt {spec.name}", unit="stage", disable=not self.progress, leave=False) as bar:
-            stages = _Stages(bar)
+            stages = ExportStages(bar)
             built = self._checked_engine(module, spec, work, plan, device, stages)
             if built.plan.refit:
                 with stages.stage("refit map"):
@@ -191,7 +191,13 @@ class TensorRTExporter:
         return manifest
 
     def _checked_engine(
-        self, module: nn.Module, spec: ExportSpec, work: Path, plan: BuildPlan, device: torch.device, stages: _Stages
+        self,
+        module: nn.Module,
+        spec: ExportSpec,
+        work: Path,
+        plan: BuildPlan,
+        device: torch.device,
+        stages: ExportStages,
     ) -> _Built:
         """Export, build and validate ``work/engine.plan``; a ``keep_fp32`` component failing validation is
         built again in a wider precision (:func:`~.tensorrt_plan.fallback_plan`)."""

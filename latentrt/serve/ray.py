@@ -267,10 +267,7 @@ class RayGenerationClient:
                 result: ReplicaResult = self._result(response, timeout_s)
                 return result
             except LatentRTError as exc:
-                if attempt >= self.retries or not is_retryable(exc):
-                    raise
-                self._before_retry(exc, attempt)
-                time.sleep(self._wait(exc))
+                time.sleep(self._retry_wait(exc, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def generate_async(
@@ -289,10 +286,7 @@ class RayGenerationClient:
                 result: ReplicaResult = await self._awaited(call, timeout_s)
                 return result
             except LatentRTError as exc:
-                if attempt >= self.retries or not is_retryable(exc):
-                    raise
-                self._before_retry(exc, attempt)
-                await asyncio.sleep(self._wait(exc))
+                await asyncio.sleep(self._retry_wait(exc, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def info(self, task_id: str | None = None, timeout_s: float = 30.0) -> ReplicaInfo:
@@ -306,8 +300,7 @@ class RayGenerationClient:
             return response.result(timeout_s=wait)
         except TimeoutError:
             response.cancel()  # type: ignore[no-untyped-call]
-            raise RequestTimeout(f"no answer from the cluster within {wait:.0f} s; the request was cancelled: "
-                                 "raise timeout_s, or lower steps, size or batch") from None  # fmt: skip
+            raise _no_answer(wait) from None
         except Exception as exc:
             raise self._mapped(exc) from exc
 
@@ -316,8 +309,7 @@ class RayGenerationClient:
         try:
             return await asyncio.wait_for(response, wait)
         except asyncio.TimeoutError:
-            raise RequestTimeout(f"no answer from the cluster within {wait:.0f} s; the request was cancelled: "
-                                 "raise timeout_s, or lower steps, size or batch") from None  # fmt: skip
+            raise _no_answer(wait) from None
         except Exception as exc:
             raise self._mapped(exc) from exc
 
@@ -325,11 +317,20 @@ class RayGenerationClient:
         mapped = map_ray_error(error, self.retry_after_s)
         return mapped if mapped is not error else error
 
-    def _wait(self, error: LatentRTError) -> float:
+    def _retry_wait(self, error: LatentRTError, attempt: int) -> float:
+        """Seconds to wait before retrying after ``error`` on ``attempt`` (0-based); raises ``error``
+        when it is not retryable or the retries are spent."""
+        if attempt >= self.retries or not is_retryable(error):
+            raise error
+        logger.warning("retrying (%d of %d) after: %s", attempt + 1, self.retries, error)
         return min(float(getattr(error, "retry_after", 1.0)), self.max_wait_s)
 
-    def _before_retry(self, error: LatentRTError, attempt: int) -> None:
-        logger.warning("retrying (%d of %d) after: %s", attempt + 1, self.retries, error)
+
+def _no_answer(wait: float | None) -> RequestTimeout:
+    return RequestTimeout(
+        f"no answer from the cluster within {wait:.0f} s; the request was cancelled: "
+        "raise timeout_s, or lower steps, size or batch"
+    )
 
 
 def _call(handle: DeploymentHandle[Any], method: str, *args: Any, **kwargs: Any) -> DeploymentResponse[Any]:

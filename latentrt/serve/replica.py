@@ -24,7 +24,6 @@ import socket
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from latentrt.core.errors import LatentRTError
 from latentrt.core.request import GenerationRequest
@@ -33,6 +32,7 @@ from latentrt.serve.config import ReplicaSpec
 from latentrt.serve.errors import ReplicaUnhealthy
 from latentrt.server import Defaults, create_app
 from latentrt.service import GenerationService, ServiceResult
+from latentrt.service.jobs import ForwardsImages
 
 __all__ = [
     "NODE_HEADER",
@@ -63,26 +63,11 @@ class ReplicaIdentity:
 
 
 @dataclass(frozen=True)
-class ReplicaResult:
+class ReplicaResult(ForwardsImages):
     """A finished request of the handle API: the service's result and the replica that produced it."""
 
     result: ServiceResult
     replica: ReplicaIdentity
-
-    @property
-    def images(self) -> list[Image.Image]:
-        """The generated images."""
-        return self.result.images
-
-    @property
-    def parameters(self) -> list[str]:
-        """The A1111 parameters text of each image."""
-        return self.result.parameters
-
-    @property
-    def seeds(self) -> list[int]:
-        """The seed of each image."""
-        return self.result.seeds
 
 
 @dataclass(frozen=True)

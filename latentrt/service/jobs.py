@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from PIL import Image
 from torch import Tensor
@@ -63,8 +63,41 @@ class Progress:
         return elapsed / self.step * (self.steps - self.step)
 
 
+class _HasImages(Protocol):
+    @property
+    def images(self) -> list[Image.Image]: ...
+
+    @property
+    def parameters(self) -> list[str]: ...
+
+    @property
+    def seeds(self) -> list[int]: ...
+
+
+class ForwardsImages:
+    """``images``, ``parameters`` and ``seeds`` read through to ``self.result`` (a result that wraps
+    another with what it adds: the service's accounting, the replica that ran it)."""
+
+    result: _HasImages
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The generated images."""
+        return self.result.images
+
+    @property
+    def parameters(self) -> list[str]:
+        """The A1111 parameters text of each image."""
+        return self.result.parameters
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image."""
+        return self.result.seeds
+
+
 @dataclass(frozen=True)
-class ServiceResult:
+class ServiceResult(ForwardsImages):
     """A finished request: the pipeline's result plus how the service ran it.
 
     ``interrupted`` results hold the model's ``x0`` estimate at the step where an interrupt
@@ -81,21 +114,6 @@ class ServiceResult:
     queued_s: float
     run_s: float
     interrupted: bool = False
-
-    @property
-    def images(self) -> list[Image.Image]:
-        """The generated images."""
-        return self.result.images
-
-    @property
-    def parameters(self) -> list[str]:
-        """The A1111 parameters text of each image."""
-        return self.result.parameters
-
-    @property
-    def seeds(self) -> list[int]:
-        """The seed of each image."""
-        return self.result.seeds
 
 
 def expected_steps(request: GenerationRequest) -> int:
